@@ -1,0 +1,54 @@
+# Tessera: the two commands are `make quickstart` and `make test`.
+# Both create/refresh .venv and install what they need; a second run with nothing
+# changed skips the install (stamp keyed on pyproject.toml and the constraints).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch/torchvision builds that run on this CPU machine; GPU users install without this file.
+CONSTRAINTS ?= constraints/dev.txt
+STAMP := $(VENV)/.tessera-installed
+APT_DATA := fonts-noto-color-emoji openclipart-png iso-flags-png-320x240
+# Offline, CPU-detecting defaults for every test and quickstart process.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: test quickstart install apt-data clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,bench,assets]'
+	@touch $(STAMP)
+
+# Debian data packages with the real images the built-in sources draw from.
+apt-data:
+	@missing=""; for p in $(APT_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian data packages:$$missing"; \
+	    (apt-get install -y -q $$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null)) \
+	      || { echo "error: could not apt-get install$$missing" >&2; exit 1; }; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get install -y -q $$missing; \
+	  else \
+	    echo "error: missing Debian data packages:$$missing. Run as root: apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: install apt-data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+quickstart: install apt-data
+	$(VENV)/bin/tessera quickstart $(QUICKSTART_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
