@@ -1,0 +1,68 @@
+"""``tessera``: the one console command that fronts every stage.
+
+Each stage package contributes its subcommands through ``<pkg>/cli.py:add_commands(subparsers)``;
+those modules import nothing heavy, so ``tessera --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tessera import __version__
+from tessera.config import ConfigError
+from tessera.registry import RegistryError
+
+# Order is the pipeline's order: data_pipeline -> recaption -> trainer -> evaluation -> cluster.
+_COMMAND_MODULES: list[str] = []
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors exit with code 2 and a one-line message (argparse's own convention)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``tessera`` parser with every available stage's subcommands."""
+    parser = _Parser(
+        prog="tessera",
+        description="Tessera: train text-to-image diffusion models, from raw image-text pairs to evaluated checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for modname in _COMMAND_MODULES:
+        importlib.import_module(modname).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tessera`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # A command group without a subcommand (``tessera data``) prints its help.
+        target = getattr(args, "_group_parser", parser)
+        target.print_help()
+        return EXIT_USAGE if args.command else 0
+    from tessera.log import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, RegistryError) as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"tessera: error: file not found: {e.filename or e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logging.getLogger("tessera").warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
