@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,bench,assets]'
+	@# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (1.5 CPU-min); build it once here.
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || \
+	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	@touch $(STAMP)
 
 # Debian data packages with the real images the built-in sources draw from.

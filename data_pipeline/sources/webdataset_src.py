@@ -1,0 +1,117 @@
+"""``webdataset`` source: existing tars (local or s3://), to reshard, refilter or rebucket.
+
+Tars are streamed (``tarfile`` mode ``"r|*"``) and members grouped by webdataset key (the basename up
+to its first dot). Only image bytes, ``.txt`` and ``.json`` (parsed with ``json``) are read; every
+other member (pickles, tensors, caches) is skipped unread, so no shard member is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tarfile
+from typing import Iterator
+
+from data_pipeline.sample import RawSample
+from data_pipeline.sources import SOURCES, Partition, SourceConfig
+from tessera import storage
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# KEY.json fields of a tessera shard that describe the old encoding, not the sample: dropped on input.
+_PROVENANCE = ("source_id", "url", "path", "source")
+_DERIVED = {"key", "bucket", "sha256", "phash", "orig_size", "scores", "caption", "captions", "meta"}
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: 'dir/abc.emb.x.safetensors' -> ('dir/abc', 'emb.x.safetensors')."""
+    dirname, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
+
+
+class WebdatasetSource:
+    """Samples of existing webdataset tars; one partition per tar."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def tars(self) -> list[str]:
+        """Sorted tar urls: the path itself or every .tar under it."""
+        path = self.cfg.path
+        if path.endswith(".tar"):
+            return [path]
+        found = [u for u in storage.list_prefix(path) if u.endswith(".tar")]
+        if not found:
+            raise FileNotFoundError(f"no .tar files at {path}")
+        return found
+
+    def partitions(self, samples_per_partition: int) -> list[Partition]:
+        """One partition per tar (tars are the natural, unsized unit); samples_per_partition unused."""
+        tars = self.tars()
+        root = self.cfg.path
+        rels = [os.path.basename(t) if len(tars) == 1 else t[len(root.rstrip("/")) + 1 :] for t in tars]
+        return [Partition("webdataset", i, {"tar": t, "rel": r}) for i, (t, r) in enumerate(zip(tars, rels))]
+
+    def read(self, part: Partition) -> Iterator[RawSample]:
+        """Stream the tar; yield one RawSample per key (a tar read failure is one counted sample)."""
+        url, rel = part.payload["tar"], part.payload["rel"]
+        key, members = None, {}
+        try:
+            with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    k, ext = split_key(m.name)
+                    if k != key and key is not None:
+                        yield self._sample(url, rel, key, members)
+                        members = {}
+                    key = k
+                    if ext in IMAGE_EXTS or ext in ("txt", "json"):
+                        members[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+        except (OSError, tarfile.TarError, EOFError) as e:
+            if key is not None:
+                yield self._sample(url, rel, key, members)
+            yield RawSample("webdataset", f"webdataset:{rel}:#read_error", None, None, {"path": url},
+                            "read_error", f"{type(e).__name__}: {e}")  # fmt: skip
+            return
+        if key is not None:
+            yield self._sample(url, rel, key, members)
+
+    @staticmethod
+    def _sample(url: str, rel: str, key: str, members: dict[str, bytes]) -> RawSample:
+        sid = f"webdataset:{rel}:{key}"
+        meta: dict = {"path": f"{url}#{key}"}
+        fields: dict = {}
+        if "json" in members:
+            try:
+                fields = json.loads(members["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return RawSample("webdataset", sid, None, None, meta, "bad_json", str(e))
+            if not isinstance(fields, dict):
+                return RawSample("webdataset", sid, None, None, meta, "bad_json", "not an object")
+        if isinstance(fields.get("meta"), dict):
+            meta.update(fields["meta"])
+        for k, v in fields.items():
+            if k in _PROVENANCE:  # keep the lineage without claiming the old location as ours
+                meta[f"orig_{k}"] = v
+            elif k not in _DERIVED:
+                meta[k] = v
+        variants = fields.get("captions")
+        if isinstance(variants, dict):
+            meta["captions"] = {k: v for k, v in variants.items() if isinstance(v, str)}
+        caption = members.get("txt")
+        if caption is None:
+            caption = fields.get("caption")
+        if caption is None and isinstance(variants, dict):
+            caption = variants.get("alt")
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if image is None:
+            detail = f"members: {sorted(members)}"
+            return RawSample("webdataset", sid, None, caption, meta, "no_image", detail)
+        return RawSample("webdataset", sid, image, caption, meta)
+
+
+@SOURCES.register("webdataset")
+def _build(cfg: SourceConfig) -> WebdatasetSource:
+    return WebdatasetSource(cfg)
