@@ -1,0 +1,81 @@
+"""``tessera data {ingest,inspect,verify}``; heavy imports happen inside the command functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tessera.cli_args import add_config_args, load_from_args
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """Run or resume an ingest from a config file plus overrides."""
+    from data_pipeline.ingest import IngestConfig, run_ingest
+
+    cfg = load_from_args(IngestConfig, args)
+    m = run_ingest(cfg)
+    t = m["totals"]
+    print(f"ingested {t['input']} inputs -> {t['written']} written, {t['rejected']} rejected "
+          f"in {len(m['shards'])} shards at {cfg.output} ({m['timing']['samples_per_s']} samples/s)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Print a dataset's totals, reasons, bucket histogram and a few captions."""
+    from data_pipeline.inspect_verify import inspect_dataset
+
+    print(inspect_dataset(args.dir, n_captions=args.captions))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Re-hash and re-read every shard; exit 1 naming each bad shard."""
+    from data_pipeline.inspect_verify import verify_dataset
+
+    problems, summary = verify_dataset(args.dir, threads=args.threads)
+    for p in problems:
+        print(f"BAD {p}", file=sys.stderr)
+    if problems:
+        print(f"verify FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    print(f"verify OK: {summary['shards']} shards, {summary['samples']} samples in {args.dir}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``tessera data`` with its ``ingest``, ``inspect`` and ``verify`` subcommands."""
+    data = subparsers.add_parser("data", help="ingest image-text pairs into shards; inspect and verify them")
+    data.set_defaults(_group_parser=data)
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=type(data))
+
+    p = sub.add_parser("ingest", help="sources -> processed, deduplicated, bucketed webdataset shards")
+    add_config_args(p, required=True)
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("inspect", help="print totals, reject reasons, bucket histogram and sample captions")
+    p.add_argument("dir", help="dataset directory or s3:// prefix")
+    p.add_argument("--captions", type=int, default=5, help="number of sample captions to show")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="re-hash every shard against the manifest and check every sample")
+    p.add_argument("dir", help="dataset directory or s3:// prefix")
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(func=_verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m data_pipeline.cli data ingest ...`` (same as ``tessera data ...``)."""
+    from tessera.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="tessera")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        getattr(args, "_group_parser", parser).print_help()
+        return 2
+    setup_logging("INFO")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Interchangeable task executors (img2dataset "distributors"): in-process and Ray.
+
+A task is ``fn(task: dict) -> dict`` on plain data, idempotent because every output is written
+atomically and its done-marker last; so a retry after a crash or a killed worker is harmless.
+``map`` yields results as tasks complete (any order); callers never depend on that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+log = logging.getLogger("tessera.data")
+
+Task = dict[str, Any]
+TaskFn = Callable[[Task], dict]
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    """How to reach Ray: start an embedded runtime (``address: null``) or join ``address``."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # embedded runtime only; None -> all cores
+    include_dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless a config says so
+    object_store_memory_mb: int | None = None  # embedded runtime only; None -> Ray's default (30% RAM)
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
+
+
+class LocalExecutor:
+    """Runs tasks one by one in this process, in the given order; for debugging and small runs."""
+
+    name = "local"
+
+    def __init__(self, max_retries: int = 0) -> None:
+        self.max_retries = max_retries
+
+    def map(self, fn: TaskFn, tasks: list[Task]) -> Iterator[dict]:
+        """Run each task, retrying an exception up to ``max_retries`` times (like Ray does)."""
+        for task in tasks:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    yield fn(task)
+                    break
+                except Exception:
+                    if attempt == self.max_retries:
+                        raise
+                    log.warning("task %s failed (attempt %d), retrying", task.get("name"), attempt + 1, exc_info=True)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class RayExecutor:
+    """One Ray task per item, ``max_retries`` on worker death or exception, results as they finish."""
+
+    name = "ray"
+
+    def __init__(self, cfg: RayConfig, max_retries: int = 3) -> None:
+        import ray
+
+        self.max_retries = max_retries
+        self._owned = False
+        if not ray.is_initialized():
+            if cfg.address:
+                # A joined cluster's dashboard is configured by its own ``ray start``.
+                ray.init(address=cfg.address)
+            else:
+                store = None if cfg.object_store_memory_mb is None else cfg.object_store_memory_mb * 2**20
+                ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+                         dashboard_host=cfg.dashboard_host, object_store_memory=store)
+            self._owned = True
+        self._ray = ray
+
+    def map(self, fn: TaskFn, tasks: list[Task]) -> Iterator[dict]:
+        """Submit tasks with a bounded in-flight window and yield each result once it is ready."""
+        ray = self._ray
+        remote = ray.remote(max_retries=self.max_retries, retry_exceptions=True)(fn)
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: list = []
+        todo = list(tasks)
+        todo.reverse()
+        while todo or pending:
+            while todo and len(pending) < window:
+                pending.append(remote.options(name=str(todo[-1].get("name", "task"))).remote(todo.pop()))
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    def close(self) -> None:
+        """Shut Ray down if this executor started it."""
+        if self._owned:
+            self._ray.shutdown()
+
+
+def make_executor(kind: Literal["ray", "local"], ray_cfg: RayConfig, max_retries: int):
+    """Build the executor a config names."""
+    if kind == "local":
+        return LocalExecutor(max_retries)
+    if kind == "ray":
+        return RayExecutor(ray_cfg, max_retries)
+    raise ValueError(f"unknown executor {kind!r} (known: local, ray)")
+
+
+class Progress:
+    """tqdm bar over completed tasks with the running samples/s in its postfix."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True, leave=True)
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, samples: int) -> None:
+        """Count one finished task of ``samples`` inputs."""
+        self.samples += samples
+        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(samples=self.samples, samples_per_s=f"{rate:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> float:
+        """Close the bar; return samples/s over its lifetime."""
+        self.bar.close()
+        return self.samples / max(time.perf_counter() - self.t0, 1e-9)
