@@ -42,6 +42,13 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precompute(args: argparse.Namespace) -> int:
+    # Imported here: the encoders pull in torch/transformers, which `tessera --help` must not pay for.
+    from data_pipeline.precompute import precompute_command
+
+    return precompute_command(args)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``tessera data`` with its ``ingest``, ``inspect`` and ``verify`` subcommands."""
     data = subparsers.add_parser("data", help="ingest image-text pairs into shards; inspect and verify them")
@@ -51,6 +58,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="sources -> processed, deduplicated, bucketed webdataset shards")
     add_config_args(p, required=True)
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("precompute", help="derived dataset with frozen text embeddings (and latents) added to "
+                                          "every sample")
+    add_config_args(p, required=True)
+    p.set_defaults(func=_precompute)
 
     p = sub.add_parser("inspect", help="print totals, reject reasons, bucket histogram and sample captions")
     p.add_argument("dir", help="dataset directory or s3:// prefix")
