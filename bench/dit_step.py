@@ -1,0 +1,130 @@
+"""Time forward + backward + AdamW step: Tessera's DiT vs diffusers' PixArtTransformer2DModel.
+
+Both models get the same depth, width, heads, patch, token counts, batch, parameter count (checked)
+and optimizer (torch AdamW, default implementation for the device). The machine's
+speed drifts by about +-30%, so the two models are timed alternately (order flipped every repetition)
+and the medians are compared.
+
+    python bench/dit_step.py --steps 10 --dtype both
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_ours(a: argparse.Namespace) -> torch.nn.Module:
+    """Our DiT with the benchmark's shape."""
+    from trainer.models.dit import DiT, DiTConfig
+
+    cfg = DiTConfig(in_channels=a.channels, out_channels=a.channels, patch_size=a.patch, hidden_size=a.width,
+                    depth=a.depth, num_heads=a.width // a.head_dim, text_dim=a.text_dim,
+                    base_size=a.size // a.patch)
+    return DiT(cfg)
+
+
+def build_diffusers(a: argparse.Namespace) -> torch.nn.Module:
+    """diffusers PixArt with the same shape (no micro-conditions, caption projection text_dim -> width)."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=a.width // a.head_dim, attention_head_dim=a.head_dim, in_channels=a.channels,
+        out_channels=a.channels, num_layers=a.depth, cross_attention_dim=a.width, sample_size=a.size,
+        patch_size=a.patch, caption_channels=a.text_dim, use_additional_conditions=False, interpolation_scale=1,
+    )
+
+
+def make_step(model, kind: str, a: argparse.Namespace, dtype: str):
+    """A closure running one training step on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, a.channels, a.size, a.size, generator=g)
+    t = torch.randint(0, 1000, (a.batch,), generator=g).float()
+    text = torch.randn(a.batch, a.text_len, a.text_dim, generator=g)
+    mask = torch.ones(a.batch, a.text_len, dtype=torch.long)
+    mask[:, a.text_len * 3 // 4:] = 0  # a realistic padded tail
+    target = torch.randn_like(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            if kind == "ours":
+                out = model(x, t, text, mask)
+            else:
+                out = model(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
+                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+            loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def timed(fn) -> float:
+    """Wall time of one call in ms."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run(a: argparse.Namespace, dtype: str) -> tuple[float, float]:
+    """Median ms per step for (ours, diffusers) under one dtype, alternating the two."""
+    torch.manual_seed(0)
+    models = {"ours": build_ours(a), "diffusers": build_diffusers(a)}
+    sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    if sizes["ours"] != sizes["diffusers"]:  # same architecture, so the same parameters
+        raise SystemExit(f"models differ in size: {sizes}")
+    steps = {k: make_step(m, k, a, dtype) for k, m in models.items()}
+    for _ in range(a.warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    for i in range(a.steps):
+        order = ["ours", "diffusers"] if i % 2 == 0 else ["diffusers", "ours"]
+        for k in order:
+            times[k].append(timed(steps[k]))
+    return statistics.median(times["ours"]), statistics.median(times["diffusers"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run the comparison, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--size", type=int, default=32, help="latent side")
+    p.add_argument("--channels", type=int, default=8, help="latent in/out channels")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=256)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtypes = ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]
+    print(f"depth={a.depth} width={a.width} heads={a.width // a.head_dim} patch={a.patch} batch={a.batch} "
+          f"latent={a.channels}x{a.size}x{a.size} text={a.text_len}x{a.text_dim} threads={torch.get_num_threads()}")
+    print(f"{'dtype':<6} {'ours ms':>9} {'diffusers ms':>13} {'ours/diffusers':>15}")
+    for dt in dtypes:
+        ours, ref = run(a, dt)
+        print(f"{dt:<6} {ours:>9.1f} {ref:>13.1f} {ours / ref:>15.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
