@@ -1,0 +1,85 @@
+"""Tiny training runs for the trainer's tests (and the evaluation suite's end-to-end test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = ROOT / "tests" / "trainer" / "tiny_train.yaml"
+
+
+def tiny_text_encoder(directory: Path) -> str:
+    """A 1-layer, 32-wide T5 encoder + byte tokenizer saved to ``directory`` (loaded back via from_pretrained)."""
+    import torch
+    import transformers
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = transformers.T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                    decoder_start_token_id=0)
+        transformers.T5EncoderModel(cfg).save_pretrained(directory)
+        transformers.ByT5Tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def tiny_dataset(root: Path, shards: int = 4, per_shard: int = 24, **kw):
+    """A dataset in the ingest format with 16x16 / 16x32 / 32x16 buckets (see data/dataset_factory.py)."""
+    from tests.trainer.data.dataset_factory import write_dataset
+
+    return write_dataset(str(root), shards=shards, per_shard=per_shard, smooth=True, variants={"alt": 1.0}, **kw)
+
+
+def overrides(tmp: Path, run_id: str, data: str, encoder: str, **extra) -> list[str]:
+    """Dotted overrides for tests/trainer/tiny_train.yaml pointing at ``tmp``."""
+    ov = {"run.root": str(tmp / "runs"), "run.id": run_id, "data.path": data,
+          "text_encoder.t5.path": encoder}
+    ov.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+def env(**extra) -> dict:
+    """Environment of a training subprocess: offline, quiet, the venv's prebuilt DeepSpeed ops."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+             TESSERA_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    e.update(extra)
+    return e
+
+
+def train_cmd(ovs: list[str], nproc: int = 1) -> list[str]:
+    """The command line of a tiny training run."""
+    return [sys.executable, "-m", "tessera.cli", "train", "--config", str(TINY_CONFIG), "--nproc", str(nproc), *ovs]
+
+
+def run_train(ovs: list[str], nproc: int = 1, timeout: float = 600, **env_extra) -> subprocess.CompletedProcess:
+    """Run a tiny training to completion; returns the completed process (check ``returncode``)."""
+    return subprocess.run(train_cmd(ovs, nproc), env=env(**env_extra), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; for a step logged twice (a resumed run), the last row wins, in step order."""
+    rows: dict[int, dict] = {}
+    p = Path(run_dir) / "metrics.jsonl"
+    for line in p.read_text().splitlines() if p.exists() else []:
+        r = json.loads(line)
+        rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]
+
+
+def make_tiny_checkpoint(tmp_path: Path, steps: int = 4) -> Path:
+    """Train a tiny DiT for a few steps in one process; returns the run directory (with checkpoints/)."""
+    enc = tiny_text_encoder(tmp_path / "enc")
+    ds = tmp_path / "ds"
+    if not (ds / "manifest.json").exists():
+        tiny_dataset(ds)
+    ovs = overrides(tmp_path, "tiny", str(ds), enc, **{"train.total_samples": steps * 4, "samples.enabled": "true"})
+    out = run_train(ovs)
+    if out.returncode != 0:
+        raise RuntimeError(f"tiny training failed:\n{out.stderr[-4000:]}")
+    return tmp_path / "runs" / "tiny"
