@@ -1,0 +1,75 @@
+"""In-training evaluation: run a small suite on in-memory weights every N samples and log it.
+
+The trainer calls (rank 0, with the EMA or gathered weights in a plain ``nn.Module``)::
+
+    from evaluation.in_training import evaluate_weights
+    evaluate_weights(model, frozen.text, frozen.ae, cfg.objective, suite_cfg, step, tracker,
+                     sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width))
+
+Images stay in memory (nothing is written); the FID network and the reference statistics are loaded
+once per process and suite, so later calls cost only sampling and feature extraction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from evaluation.suite import EvalSuiteConfig, MetricSet, resolve_spec
+from tessera.config import config_hash, to_dict
+
+log = logging.getLogger("tessera.eval.in_training")
+
+_METRIC_SETS: dict[str, MetricSet] = {}  # suite config hash -> loaded networks and reference statistics
+
+
+def metric_set_for(suite_cfg: EvalSuiteConfig) -> MetricSet:
+    """The process-wide ``MetricSet`` of a suite (built on first use)."""
+    key = config_hash(suite_cfg)
+    if key not in _METRIC_SETS:
+        _METRIC_SETS[key] = MetricSet(suite_cfg)
+    return _METRIC_SETS[key]
+
+
+def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg: EvalSuiteConfig, step: int,
+                     tracker=None, *, sampler_cfg=None, size: tuple[int, int] | None = None,
+                     prefix: str | None = None) -> dict:
+    """Generate the suite's images from in-memory weights, compute its metrics, log them at ``step``."""
+    from evaluation.generate import ModelGenerator, image_seed, work_items
+    from evaluation.images import PILSource
+    from evaluation.prompts import load_prompt_set
+    from trainer.diffusion.sampling import SamplerConfig
+
+    suite_cfg.check()
+    s = suite_cfg.sampling
+    if size is None and (s.height is None or s.width is None):
+        raise ValueError("in-training evaluation needs size=(h, w) or sampling.height/width in the suite")
+    spec = resolve_spec(s, to_dict(sampler_cfg or SamplerConfig()), size or (s.height, s.width))
+    prompts = load_prompt_set(suite_cfg.prompts)
+    items = work_items(len(prompts), s.images_per_prompt)
+    was_training = model.training
+    t0 = time.perf_counter()
+    try:
+        gen = ModelGenerator(model, text_encoder, autoencoder, objective_cfg, spec)
+        images = []
+        for i in range(0, len(items), s.batch_size):
+            chunk = items[i:i + s.batch_size]
+            images += gen([prompts[p] for p, _ in chunk], [image_seed(s.seed, p, k) for p, k in chunk])
+    finally:
+        model.train(was_training)
+    gen_seconds = time.perf_counter() - t0
+    index = {it: i for i, it in enumerate(items)}
+    metrics, per_image, _ = metric_set_for(suite_cfg).evaluate(PILSource(images), items, lambda it: images[index[it]],
+                                                               prompts)
+    metrics["generate_seconds"] = round(gen_seconds, 3)
+    prefix = prefix or f"eval/{suite_cfg.name}"
+    if tracker is not None:
+        tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+        cols = sorted({k for row in per_image for k in row if k not in ("prompt_idx", "sample_idx")})
+        rows = [[row["prompt_idx"], row["sample_idx"], prompts[row["prompt_idx"]],
+                 images[index[(row["prompt_idx"], row["sample_idx"])]], *[row.get(c) for c in cols]]
+                for row in per_image[:suite_cfg.table_rows]]
+        tracker.log_table(f"{prefix}/samples", ["prompt_idx", "sample_idx", "prompt", "image", *cols], rows, step=step)
+    log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in metrics.items()))
+    return metrics
