@@ -60,6 +60,10 @@ class ScoreFilter:
 
 def build_score_filters(cfgs: list[ScoreFilterConfig]) -> list[ScoreFilter]:
     """Instantiate the configured scorers through the registry."""
+    if any(c.name not in SCORERS for c in cfgs):
+        # The model-based scorers (aesthetic, clip_score, preference) live in the evaluation package and
+        # register themselves on import; imported only when a config asks for one (torch/open_clip are heavy).
+        import evaluation.rewards  # noqa: F401
     return [ScoreFilter(c, SCORERS.get(c.name)(dict(c.options))) for c in cfgs]
 
 

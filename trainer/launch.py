@@ -116,3 +116,33 @@ def spawn_local(argv: list[str], nproc: int) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def ray_train_loop(config: dict) -> None:
+    """Per-worker entry for Ray Train's ``TorchTrainer(train_loop_per_worker=ray_train_loop, train_loop_config=cfg)``.
+
+    Ray Train has already started the process group (gloo on CPU, NCCL on GPU); ``detect_env`` reads the
+    rank layout from it, and DeepSpeed reuses the group.
+    """
+    from tessera.config import from_dict
+    from trainer.config import TrainJobConfig
+    from trainer.loop import train
+
+    code = train(from_dict(TrainJobConfig, config, "ray train_loop_config"))
+    if code != 0:
+        raise SystemExit(code)
+
+
+def run_on_ray(cfg, num_workers: int, address: str | None = None):
+    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each); returns Ray's ``Result``."""
+    import torch
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tessera.config import to_dict
+
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(ray_train_loop, train_loop_config=to_dict(cfg),
+                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    return trainer.fit()

@@ -126,7 +126,8 @@ def test_resume_on_a_different_world_size_consumes_each_sample_once(uninterrupte
     assert rows[0]["step"] == 7 and rows[-1]["samples"] == TOTAL  # counters continue from the checkpoint
     # Batches are fixed by the plan; only their rank changes. The 1-rank run must consume exactly the samples
     # the uninterrupted 2-rank run consumed after step 6: none repeated, none skipped.
-    ref_rest = sorted(k for r in (0, 1) for s, ks in _keys_by_step(work, "ref2", r).items() if s >= 6 for k in ks)
+    # Records are keyed by the step count after the step (1-based), so steps 7.. follow checkpoint step 6.
+    ref_rest = sorted(k for r in (0, 1) for s, ks in _keys_by_step(work, "ref2", r).items() if s > 6 for k in ks)
     got = sorted(k for ks in _keys_by_step(work, run, 0).values() for k in ks)
     assert got == ref_rest
     assert len(got) == 48
