@@ -18,6 +18,21 @@ def rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}/{world}] "
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (pytest's capture, a redirect), never a stale closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class _RankFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.rank = rank_prefix()
@@ -30,7 +45,7 @@ def setup_logging(level: str = "INFO") -> None:
     if any(getattr(h, "_tessera", False) for h in root.handlers):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._tessera = True  # type: ignore[attr-defined]
     handler.setFormatter(_RankFormatter("%(asctime)s %(rank)s%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)

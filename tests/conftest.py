@@ -12,3 +12,23 @@ if not os.environ.get("WANDB_API_KEY"):
     os.environ.setdefault("WANDB_MODE", "offline")
 
 pytest_plugins = ["tests.fixtures.s3"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small embedded Ray runtime for the whole session (2 CPUs, 200 MB object store, no dashboard).
+
+    Ray allows one runtime per driver process, so every test that needs Ray shares this one.
+    """
+    from pathlib import Path
+
+    import ray
+
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
+    yield ray
+    ray.shutdown()

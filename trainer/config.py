@@ -55,6 +55,19 @@ class SampleGridConfig:
 
 
 @dataclass(kw_only=True)
+class InTrainingEvalConfig:
+    """A small evaluation suite (configs/eval/*.yaml) run on the EMA weights every N samples."""
+
+    every_samples: int = 0  # 0: off
+    suite: str | None = None  # suite YAML path
+    overrides: list[str] = field(default_factory=list)  # dotted overrides of the suite
+
+    def __post_init__(self) -> None:
+        if self.every_samples and not self.suite:
+            raise ValueError("eval.every_samples needs eval.suite (a configs/eval/*.yaml file)")
+
+
+@dataclass(kw_only=True)
 class DebugConfig:
     """Fault injection for tests and drills: non-finite loss/gradients at given optimizer steps."""
 
@@ -104,4 +117,5 @@ class TrainJobConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     samples: SampleGridConfig = field(default_factory=SampleGridConfig)
+    eval: InTrainingEvalConfig = field(default_factory=InTrainingEvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -43,7 +43,7 @@ def train(cfg: TrainJobConfig) -> int:
     from trainer.ema import EMA
     from trainer.launch import detect_env, init_distributed
     from trainer.models import model_flops
-    from trainer.sampling import log_sample_grid
+    from trainer.sampling import log_sample_grid, run_in_training_eval
 
     lc = cfg.train
     denv = detect_env()
@@ -141,6 +141,7 @@ def train(cfg: TrainJobConfig) -> int:
         if st.samples // lc.log_every_samples != (st.samples - global_batch) // lc.log_every_samples:
             metrics = meter.flush(flops, peak, world)
             metrics.update(lr=scheduler.get_last_lr()[0] if scheduler else cfg.optim.lr, skipped_steps=st.skipped,
+                           rollbacks=st.rollbacks,
                            grad_norm=S.grad_norm(engine), samples=st.samples, memory_gb=S.memory_gb(device),
                            ema_decay=st.ema_decay)
             tracker.log(metrics, step=st.step)
@@ -151,6 +152,9 @@ def train(cfg: TrainJobConfig) -> int:
         if cfg.samples.enabled and cfg.samples.every_samples and st.samples // cfg.samples.every_samples != \
                 (st.samples - global_batch) // cfg.samples.every_samples:
             log_sample_grid(cfg, ema, engine, frozen, tracker, run, st.step, rank)
+        if cfg.eval.every_samples and st.samples // cfg.eval.every_samples != \
+                (st.samples - global_batch) // cfg.eval.every_samples:
+            run_in_training_eval(cfg, ema, engine, frozen, tracker, st.step, rank)
         out_of_time = lc.max_minutes is not None and (time.time() - t_start) / 60 >= lc.max_minutes
         out_of_time = any_rank(out_of_time)[0]
         if stop_now or out_of_time or st.samples // lc.ckpt_every_samples != \

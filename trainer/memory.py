@@ -60,7 +60,10 @@ def report(cfg, world: int) -> str:
 
     n, largest = count_params(cfg.model)
     ds = cfg.deepspeed
-    precision = resolve_precision(ds, cuda=ds.precision == "bf16", bf16_ok=ds.precision == "bf16")
+    import torch
+
+    cuda = torch.cuda.is_available()  # "auto" precision is resolved for this machine, as training would
+    precision = resolve_precision(ds, cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported())
     est = zero_formula_bytes(n, ds.stage, world, precision, ds.offload_optimizer, ds.offload_param)
     gb = 1024**3
     lines = [f"model: {cfg.model.name}  parameters: {n:,} ({n / 1e6:.1f} M)  largest layer: {largest:,}",
@@ -69,7 +72,11 @@ def report(cfg, world: int) -> str:
     for k, v in est.items():
         if v:
             lines.append(f"  {k:<18} {v / gb:9.3f} GiB")
-    lines.append(f"  {'device total':<18} {sum(v for k, v in est.items() if k.startswith('device')) / gb:9.3f} GiB")
+    total = sum(v for k, v in est.items() if k.startswith("device"))
+    if cfg.ema.enabled:  # Tessera's EMA keeps full fp32 weights on every rank (trainer/ema.py)
+        lines.append(f"  {'ema (fp32, full)':<18} {4 * n / gb:9.3f} GiB")
+        total += 4 * n
+    lines.append(f"  {'device total':<18} {total / gb:9.3f} GiB")
     if ds.stage >= 2:
         lines += ["", "DeepSpeed's estimator (CUDA-style, all offload variants):", deepspeed_estimate(n, largest, ds.stage, world)]
     lines.append("Activations are extra: they scale with batch size and resolution (activation checkpointing cuts them).")

@@ -103,3 +103,23 @@ def log_sample_grid(cfg, ema, engine, frozen, tracker, run, step: int, rank: int
     tracker.log_images("samples/ema" if ema is not None else "samples/raw", images, list(sc.prompts), step=step)
     log.info("sample grid for step %d written", step)
     del model
+
+
+def run_in_training_eval(cfg, ema, engine, frozen, tracker, step: int, rank: int) -> None:
+    """Rank 0: evaluate the EMA (or raw) weights with the configured suite and log ``eval/<suite>/*``."""
+    from tessera.config import load_config
+    from trainer.checkpoint import full_fp32_params
+
+    weights = ema.state_dict() if ema is not None else full_fp32_params(engine)  # collective when gathered
+    if rank != 0:
+        return
+    from evaluation.in_training import evaluate_weights
+    from evaluation.suite import EvalSuiteConfig
+
+    suite = load_config(EvalSuiteConfig, cfg.eval.suite, cfg.eval.overrides)
+    device = next(engine.module.parameters()).device
+    model = model_from_weights(cfg.model, weights, device)
+    metrics = evaluate_weights(model, frozen.text, frozen.ae, cfg.objective, suite, step, tracker,
+                               sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width))
+    log.info("in-training eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()
+                                                       if isinstance(v, float)})

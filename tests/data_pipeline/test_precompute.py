@@ -65,16 +65,9 @@ def minilm_out(source_ds, tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    """A small embedded Ray runtime (2 CPUs, 200 MB object store, no dashboard), or the one already up."""
-    import ray
-
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if owned:
-        ray.shutdown()
+def ray_runtime(ray_session):
+    """The session's shared Ray runtime (tests/conftest.py)."""
+    return ray_session
 
 
 def test_members_shapes_and_values_match_direct_encode(source_ds, minilm_out):

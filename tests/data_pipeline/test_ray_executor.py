@@ -17,14 +17,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray start-up alone is 5-20 s
 
 
 @pytest.fixture(scope="session")
-def ray_runtime():
-    """One small embedded Ray runtime for the session (2 CPUs, 200 MB object store, no dashboard)."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_runtime(ray_session):
+    """The session's shared Ray runtime (tests/conftest.py)."""
+    return ray_session
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def test_generation_is_resumable(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_images_do_not_depend_on_batch_size_or_actor_layout(tmp_path):
+def test_images_do_not_depend_on_batch_size_or_actor_layout(tmp_path, request):
     prompts = [f"prompt {i}" for i in range(5)]
     ref = G.ImageFolder(str(tmp_path / "b1"))
     G.generate_missing(ref, prompts, 2, 7, FakeFactory(), batch_size=1)
@@ -131,18 +131,12 @@ def test_images_do_not_depend_on_batch_size_or_actor_layout(tmp_path):
         f = G.ImageFolder(str(tmp_path / name))
         G.generate_missing(f, prompts, 2, 7, FakeFactory(), batch_size=bs)
         assert folder_bytes(f.url) == folder_bytes(ref.url)
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        f = G.ImageFolder(str(tmp_path / "ray"))
-        st = G.generate_missing(f, prompts, 2, 7, FakeFactory(), batch_size=3,
-                                distribute=G.DistributeConfig(backend="ray", num_actors=2))
-        assert st["generated"] == 10
-        assert folder_bytes(f.url) == folder_bytes(ref.url)
-    finally:
-        ray.shutdown()
+    request.getfixturevalue("ray_session")  # the session's shared Ray runtime, workers see the repo on PYTHONPATH
+    f = G.ImageFolder(str(tmp_path / "ray"))
+    st = G.generate_missing(f, prompts, 2, 7, FakeFactory(), batch_size=3,
+                            distribute=G.DistributeConfig(backend="ray", num_actors=2))
+    assert st["generated"] == 10
+    assert folder_bytes(f.url) == folder_bytes(ref.url)
 
 
 # --------------------------------------------------------------------------- the whole suite on a fake model

@@ -104,6 +104,12 @@ def test_kill_and_resume_is_bitwise_exact(uninterrupted, stage):
     for r in (0, 1):
         ref_keys = _keys_by_step(work, f"ref{stage}", r)
         assert _keys_by_step(work, run, r) == ref_keys
+    if stage == 3:
+        # The EMA under ZeRO-3 is computed from the gathered fp32 master weights: it matches ZeRO-2's EMA.
+        e2, e3 = (load_file(_ckpt(work, f"ref{s}", STEPS) / "ema.safetensors") for s in (2, 3))
+        assert all(torch.allclose(e2[k], e3[k], rtol=1e-5, atol=1e-6) for k in e2)
+        w3 = load_file(_ckpt(work, "ref3", STEPS) / "model.safetensors")
+        assert any(not torch.equal(e3[k], w3[k]) for k in e3), "EMA equals the raw weights"
 
 
 def _keys_by_step(work, run_id, rank) -> dict[int, list[str]]:
@@ -148,6 +154,18 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_step_everywhere(work):
             assert all(torch.equal(a[k], b[k]) for k in a), f"{name} changed on skipped step {skipped}"
     a, b = load_file(_ckpt(work, run, 7) / "model.safetensors"), load_file(_ckpt(work, run, 6) / "model.safetensors")
     assert not all(torch.equal(a[k], b[k]) for k in a), "training did not continue after the skips"
+
+
+@pytest.mark.slow
+def test_consecutive_nonfinite_steps_roll_back_or_stop(work):
+    """K non-finite steps in a row: roll back to the last checkpoint and go on, or stop with a clear error."""
+    common = {"train.total_samples": 40, "train.ckpt_every_samples": 8, "debug.nan_loss_at_steps": "[3, 4, 5]",
+              "debug.nan_rank": -1, "train.max_consecutive_skips": 3}
+    _check(H.run_train(_ovs(work, "rollback", **common), nproc=1))
+    rows = H.metrics(_run_dir(work, "rollback"))
+    assert rows[-1]["rollbacks"] == 1 and rows[-1]["skipped_steps"] == 3 and rows[-1]["samples"] == 40
+    out = H.run_train(_ovs(work, "stop", **common, **{"train.on_nonfinite": "stop"}), nproc=1)
+    assert out.returncode != 0 and "3 consecutive non-finite steps" in out.stderr
 
 
 @pytest.mark.slow
@@ -198,3 +216,25 @@ def test_estimate_memory_prints_zero_formulas(work):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ZeRO stage 3, world size 8" in out.stdout and "device_optimizer" in out.stdout
     assert "Estimated memory needed for params, optim states and gradients" in out.stdout
+
+
+def test_launch_environment_detection(monkeypatch):
+    """torchrun/deepspeed (RANK...) and srun (SLURM_*) layouts are read from the environment."""
+    from trainer.launch import detect_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert detect_env().world_size == 1
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
+    e = detect_env()
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.launcher) == \
+        (3, 4, 1, "10.0.0.5", 21234, "slurm")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    e = detect_env()
+    assert (e.rank, e.world_size, e.local_rank, e.launcher) == (1, 2, 1, "env")

@@ -96,21 +96,29 @@ def test_s3_checkpoints_export_sample_and_no_secrets(work, s3_bucket, tmp_path):
     """Run root on S3 with canary secrets in the env; resume from S3; export and sample; grep for canaries."""
     tmp, enc, ds = work
     mirror = tmp_path / "mirror"
+    # Also a small in-training evaluation suite (FID vs the training images) every 8 samples.
+    suite = ("[prompts.limit=2, sampling.images_per_prompt=1, sampling.steps=2, kid.enabled=false, "
+             f"fid.reference={ds}, fid.stats_cache={tmp_path / 'fidcache'}]")
     ovs = H.overrides(tmp, "s3run", ds, enc, **{"run.root": f"{s3_bucket}/runs", "run.local_mirror": str(mirror),
                                                  "train.total_samples": 16, "tracking.mode": "offline",
-                                                 "samples.enabled": "true"})
+                                                 "samples.enabled": "true", "eval.every_samples": 8,
+                                                 "eval.suite": str(H.ROOT / "configs/eval/quick.yaml"),
+                                                 "eval.overrides": suite})
     env = {**CANARIES, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
     first = H.run_train(ovs, **env)
     assert first.returncode == 0, first.stderr[-3000:]
     run_url = f"{s3_bucket}/runs/s3run"
     assert storage.exists(f"{run_url}/checkpoints/step_000000004/COMPLETE")
+    assert storage.exists(f"{run_url}/samples/step_000000004.png")  # the EMA sample grid
     # Resume from the S3 checkpoint and continue.
     ovs2 = [o for o in ovs if not o.startswith("train.total_samples")] + ["train.total_samples=24"]
     second = H.run_train(ovs2, **env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert storage.read_text(f"{run_url}/checkpoints/latest").strip() == "step_000000006"
     rows = [json.loads(l) for l in storage.read_text(f"{run_url}/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    fids = [r for r in rows if any(k.startswith("eval/quick/fid") for k in r)]
+    assert [r["step"] for r in fids] == [2, 4, 6], "in-training evaluation did not run every 8 samples"
     # Export to a local dir: safetensors + config.json only, no pickles.
     out_dir = tmp_path / "export"
     cli = [sys.executable, "-m", "tessera.cli"]
