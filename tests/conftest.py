@@ -32,3 +32,9 @@ def ray_session():
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the multi-process DeepSpeed tests first: they are the slowest, so failures surface early, and
+    they then start from a quiet machine (no session Ray runtime or S3 server threads competing for 2 cores)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("distributed") else 1)

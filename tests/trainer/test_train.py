@@ -47,7 +47,8 @@ def _ckpt(work, run_id, step) -> Path:
 
 
 def _check(out):
-    assert out.returncode == 0, out.stderr[-4000:]
+    # Both ends of stderr: the first rank to fail logs the cause first; the tail shows the other ranks.
+    assert out.returncode == 0, out.stderr[:6000] + "\n...\n" + out.stderr[-3000:]
 
 
 def _losses(work, run_id) -> list[float]:

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from tessera import storage
 from tests.trainer import helpers as H
 
+pytestmark = [pytest.mark.distributed]
+
 # 10 steps of the tiny job (tests/trainer/tiny_train.yaml) in one process, seed 0, deterministic mode.
 # Regenerate only for an intended change of the recipe, and say so in the commit.
 GOLDEN = [1.3064335584640503, 1.344286322593689, 1.3852137327194214, 1.3332877159118652, 1.2880605459213257,
