@@ -105,7 +105,11 @@ def spawn_local(argv: list[str], nproc: int) -> int:
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed and not code:
                 code = failed[0]
-                time.sleep(5)  # let peers finish a preemption save before tearing them down
+                # Peers of a preempted rank are finishing the same collective save; give them a grace
+                # period to exit on their own before tearing down ranks stuck in a collective.
+                deadline = time.time() + 30
+                while time.time() < deadline and any(p.poll() is None for p in procs):
+                    time.sleep(0.2)
                 for p in procs:
                     if p.poll() is None:
                         log.error("rank exited with %s; terminating the other ranks", code)
