@@ -15,8 +15,14 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_samples: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine and wsd floor, as a fraction of lr
+    # wsd (warmup-stable-decay, as MiniCPM and DeepSeek train): the peak lr until decay_start_samples (None: never),
+    # then linear to min_lr_ratio * lr over decay_samples. A pure function of samples seen, with no scheduler
+    # state, so the decay can be placed when the run's length is known (e.g. from a measured throughput under a
+    # time budget) and a stable-phase checkpoint can be continued with a later decay.
+    decay_start_samples: int | None = None
+    decay_samples: int = 0
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still computed, for the non-finite guard)
     grad_accum: int = 1
 
@@ -27,6 +33,21 @@ class OptimConfig:
             raise ValueError(f"optim.betas must have 2 values, got {self.betas}")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.decay_samples < 0 or (self.decay_start_samples is not None and self.decay_start_samples < 0):
+            raise ValueError("optim.decay_start_samples and optim.decay_samples must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def wsd_lr(optim: OptimConfig, samples: int) -> float:
+    """The wsd learning rate of the step that brings the run to ``samples`` samples seen."""
+    if optim.warmup_samples and samples < optim.warmup_samples:
+        return optim.lr * samples / optim.warmup_samples
+    start = optim.decay_start_samples
+    if start is None or samples <= start:
+        return optim.lr
+    frac = min(1.0, (samples - start) / max(1, optim.decay_samples))
+    return optim.lr * (1.0 - frac * (1.0 - optim.min_lr_ratio))
 
 
 @dataclass(kw_only=True)
@@ -63,7 +84,9 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
     warmup_steps = optim.warmup_samples // max(1, micro_batch * world_size * optim.grad_accum)
     # DeepSpeed's schedulers need warmup_num_steps >= 1; "no warmup" is a 1-step warmup starting at the peak.
     start = 0.0 if warmup_steps else 1.0
-    if optim.schedule == "cosine":
+    if optim.schedule == "wsd":
+        scheduler = None  # the loop sets the lr from wsd_lr(samples) before every step
+    elif optim.schedule == "cosine":
         scheduler = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, warmup_steps + 1), "warmup_num_steps": max(warmup_steps, 1),
             "warmup_min_ratio": start, "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"}}
@@ -79,7 +102,7 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
         if ds.offload_param:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    return {
+    out = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum,
         "train_batch_size": micro_batch * optim.grad_accum * world_size,
@@ -96,3 +119,6 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if scheduler is None:
+        del out["scheduler"]
+    return out

@@ -39,7 +39,7 @@ def train(cfg: TrainJobConfig) -> int:
     from trainer.data import build_loader
     from trainer.diffusion.cfg_dropout import drop_condition
     from trainer.diffusion.objectives import build_objective
-    from trainer.ds_config import build_ds_config
+    from trainer.ds_config import build_ds_config, wsd_lr
     from trainer.ema import EMA
     from trainer.launch import detect_env, init_distributed
     from trainer.models import model_flops
@@ -103,6 +103,9 @@ def train(cfg: TrainJobConfig) -> int:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return engine(x_t.to(dtype), timestep, c.hidden, c.mask, c.pooled).float()
 
+        if cfg.optim.schedule == "wsd":
+            for group in engine.optimizer.param_groups:
+                group["lr"] = wsd_lr(cfg.optim, st.samples + global_batch)
         loss_per, t = objective.loss(model_fn, x0, cond, gen)
         loss = loss_per.mean()
         if st.step in cfg.debug.nan_loss_at_steps and cfg.debug.nan_rank in (rank, -1):
@@ -140,7 +143,7 @@ def train(cfg: TrainJobConfig) -> int:
         flops = 3 * model_flops(engine.module, h, w, cond.hidden.shape[1]) * global_batch
         if st.samples // lc.log_every_samples != (st.samples - global_batch) // lc.log_every_samples:
             metrics = meter.flush(flops, peak, world)
-            metrics.update(lr=scheduler.get_last_lr()[0] if scheduler else cfg.optim.lr, skipped_steps=st.skipped,
+            metrics.update(lr=engine.optimizer.param_groups[0]["lr"], skipped_steps=st.skipped,
                            rollbacks=st.rollbacks,
                            grad_norm=S.grad_norm(engine), samples=st.samples, memory_gb=S.memory_gb(device),
                            ema_decay=st.ema_decay)

@@ -132,10 +132,30 @@ class FlowObjectiveConfig:
     base_shift: float = 0.5
     max_shift: float = 1.15
     timestep_scale: float = 1000.0  # the model sees t * timestep_scale
+    # What the network outputs. "velocity": v = eps - x0 directly (SD3/FLUX). "sample": the clean image x0, turned
+    # into v = (x_t - x0_hat) / t for the loss and the samplers (x-prediction, Li & He 2025, "Back to Basics: Let
+    # Denoising Generative Models Denoise"). A pixel-space DiT with large patches learns x0, which lies on the
+    # data manifold, far faster than v, which makes the network carry the input noise through every block.
+    prediction: Literal["velocity", "sample"] = "velocity"
+    t_min: float = 0.05  # "sample": the 1/t of the conversion is capped at 1/t_min near the clean end
 
     def __post_init__(self) -> None:
         if self.logit_std <= 0 or self.shift <= 0:
             raise ValueError("logit_std and shift must be > 0")
+        if not 0.0 < self.t_min < 1.0:
+            raise ValueError(f"t_min must be in (0, 1), got {self.t_min}")
+
+
+def flow_velocity(cfg: FlowObjectiveConfig, out: torch.Tensor, x_t: torch.Tensor, t, *, exact: bool = False
+                  ) -> torch.Tensor:
+    """The velocity eps - x0 from a flow model's raw output at noise level ``t`` (float or (B,) tensor).
+
+    The loss caps 1/t at 1/t_min; samplers pass ``exact=True`` (t > 0 there), so an Euler step to t = 0 lands
+    exactly on the predicted image."""
+    if cfg.prediction == "velocity":
+        return out
+    t = _bcast(t, x_t) if isinstance(t, torch.Tensor) else torch.as_tensor(t, dtype=x_t.dtype)
+    return (x_t - out.to(x_t.dtype)) / (t if exact else t.clamp(min=cfg.t_min))
 
 
 def flow_mu(cfg: FlowObjectiveConfig, image_shape: tuple[int, ...]) -> float:
@@ -181,7 +201,10 @@ class FlowObjective:
         """Per-sample MSE to the velocity and t, both (B,)."""
         t = self.sample_t(x0.shape[0], tuple(x0.shape), generator, x0.device)
         eps = _randn(tuple(x0.shape), generator, x0)
-        pred = model_fn(self.noise(x0, eps, t), (t * self.cfg.timestep_scale).float(), cond)
+        x_t = self.noise(x0, eps, t)
+        out = model_fn(x_t, (t * self.cfg.timestep_scale).float(), cond)
+        # "sample": the v-loss of the converted x0 prediction (JiT's best variant): |x0 - x0_hat|^2 / max(t, t_min)^2
+        pred = flow_velocity(self.cfg, out, x_t.to(out.dtype), t.to(out.dtype))
         return _mse(pred, self.target(x0, eps)), t.float()
 
 

@@ -65,7 +65,7 @@ class DPMSolverSampler(Sampler):
         """x0_hat from the raw model output."""
         a, sig = self.alpha_sigma(s)
         if self.flow:
-            return x - s * out
+            return out if self.cfg.prediction == "sample" else x - s * out
         pred = self.cfg.prediction
         if pred == "eps":
             return (x - sig * out) / a

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from trainer.diffusion import schedules
-from trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu
+from trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu, flow_velocity
 from trainer.diffusion.samplers.base import SAMPLERS, Sampler
 from trainer.diffusion.samplers.discrete import Spacing
 from trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
@@ -50,7 +50,7 @@ class FlowEulerSampler(Sampler):
         """One explicit Euler step of the flow ODE."""
         s, s_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
         self._i += 1
-        return x + (s_next - s) * model_output
+        return x + (s_next - s) * flow_velocity(self.cfg, model_output, x, s, exact=True)
 
 
 @SAMPLERS.register("euler_discrete")
