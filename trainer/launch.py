@@ -84,12 +84,14 @@ def spawn_local(argv: list[str], nproc: int) -> int:
     """Run ``python -m trainer.cli <argv>`` as ``nproc`` local ranks; forward SIGTERM/SIGUSR1; return the exit code.
 
     The first non-zero exit code wins (so the preemption code propagates); when one rank dies the others
-    are terminated rather than left hanging in a collective.
+    are terminated rather than left hanging in a collective. Without an explicit OMP_NUM_THREADS each rank gets
+    cores / nproc threads, as torchrun does: 2 ranks x 2 threads on 2 cores ran ~15% slower than 2 x 1.
     """
     port = free_port()
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // max(1, nproc)))
     procs = []
     for r in range(nproc):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), OMP_NUM_THREADS=threads,
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", *argv], env=env))
 
