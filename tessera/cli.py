@@ -16,7 +16,7 @@ from tessera.config import ConfigError
 from tessera.registry import RegistryError
 
 # Order is the pipeline's order: data_pipeline -> recaption -> trainer -> evaluation -> cluster.
-_COMMAND_MODULES = ["data_pipeline.cli", "trainer.cli", "evaluation.cli"]
+_COMMAND_MODULES = ["data_pipeline.cli", "trainer.cli", "evaluation.cli", "tessera.quickstart_cli"]
 
 EXIT_USAGE = 2
 

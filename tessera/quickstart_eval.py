@@ -1,0 +1,85 @@
+"""Quickstart evaluation: the trainer's step-0 model, sample grids and FID against the held-out real images."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+from tessera.quickstart_data import load_holdout
+
+
+def initial_model(cfg):
+    """The trainer's step-0 weights: rank 0 seeds, builds the text encoder, then the model (DeepSpeed
+    broadcasts rank 0's parameters, so this is the initial model of every rank)."""
+    import torch
+
+    from trainer.components import Frozen
+    from trainer.state import seed_everything
+
+    seed_everything(cfg.train.seed, 0, False)
+    frozen = Frozen(cfg.text_encoder, cfg.autoencoder, torch.device("cpu"))
+    _ = frozen.text  # same RNG consumption order as the trainer (it reads the encoder id first)
+    return cfg.model.build().eval(), frozen.text, frozen.ae
+
+
+def generate_like(model, te, ae, sampler_cfg, objective_cfg, items, seed: int):
+    """One image per held-out item, with its caption at its bucket size (grouped by bucket); item order kept."""
+    import torch
+
+    from trainer.sampling import generate
+
+    out: list = [None] * len(items)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, h in enumerate(items):
+        by_bucket.setdefault(h.hw, []).append(i)
+    for b, ((hh, ww), idx) in enumerate(sorted(by_bucket.items())):
+        imgs = generate(model, te, ae, sampler_cfg, objective_cfg, [items[i].caption for i in idx], height=hh,
+                        width=ww, seed=seed + 1000 * b, device=torch.device("cpu"), batch_size=32)
+        for i, im in zip(idx, imgs):
+            out[i] = im
+    return out
+
+
+class FID:
+    """FID against a fixed set of held-out real images, with the real statistics cached on disk."""
+
+    def __init__(self, holdout_dir: Path, cache_dir: Path, n_images: int, batch_size: int, seed: int) -> None:
+        from PIL import Image
+
+        from evaluation.fid import compute_fid_stats
+        from evaluation.inception import load_inception
+        from evaluation.stats_cache import StatsCache
+
+        self.batch_size, self.seed = batch_size, seed
+        self.items = load_holdout(str(holdout_dir))[:n_images]  # keys are hashes: a random subset
+        self.net = load_inception()
+        real = [Image.open(h.file).convert("RGB") for h in self.items]
+        self.mu, self.sigma, _ = compute_fid_stats(real, self.net, batch_size, cache=StatsCache(cache_dir))
+
+    def __call__(self, model, te, ae, sampler_cfg, objective_cfg) -> dict:
+        """FID of the model's images for the held-out captions; also how long sampling and Inception took."""
+        from evaluation.fid import compute_fid_stats, frechet_distance
+
+        t0 = time.perf_counter()
+        fake = generate_like(model, te, ae, sampler_cfg, objective_cfg, self.items, self.seed)
+        t1 = time.perf_counter()
+        mu, sigma, _ = compute_fid_stats(fake, self.net, self.batch_size)
+        fid = frechet_distance(mu, sigma, self.mu, self.sigma)
+        return {"fid": round(fid, 2), "n": len(fake), "sample_s": round(t1 - t0, 1),
+                "inception_s": round(time.perf_counter() - t1, 1)}
+
+
+def save_grid(model, te, ae, sampler_cfg, objective_cfg, prompts: list[str], size: tuple[int, int], seed: int,
+              path: Path) -> None:
+    """A captioned grid PNG of one image per prompt (same layout as the trainer's grids)."""
+    import torch
+
+    from trainer.sampling import generate, make_grid
+
+    imgs = generate(model, te, ae, sampler_cfg, objective_cfg, prompts, height=size[0], width=size[1], seed=seed,
+                    device=torch.device("cpu"))
+    buf = io.BytesIO()
+    make_grid(imgs, prompts, scale=max(1, 96 // max(size[0], 1))).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())

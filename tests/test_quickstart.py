@@ -1,0 +1,93 @@
+"""``tessera quickstart`` shortened for CI: every stage for real (Ray ingest of real emoji + clip art, MiniLM
+precompute, 2-rank DeepSpeed ZeRO-2 training, Inception FID, report, W&B offline) on a 300-image subset with
+a one-minute budget; then a rerun, which must resume (skip every finished stage) instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quickstart(out: Path, configs: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TESSERA_NO_PROGRESS": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "-m", "tessera.cli", "quickstart", "--minutes", "1", "--subset", "300", "--nproc", "2",
+           "--out", str(out), "--configs", str(configs)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _train_keys(dataset: Path) -> set[str]:
+    keys = set()
+    for shard in sorted((dataset / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys |= {m.name.split(".", 1)[0] for m in tar.getmembers()}
+    return keys
+
+
+@pytest.mark.slow
+def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
+    # The shipped configs, with two training segments instead of three: one process launch less (~20 s).
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs" / "quickstart", configs)
+    (configs / "eval.yaml").write_text((configs / "eval.yaml").read_text().replace("segments: 3", "segments: 2"))
+    for name in ("data.yaml", "precompute.yaml", "train.yaml"):  # their `base:` paths are relative
+        text = (configs / name).read_text().replace("base: ../", f"base: {ROOT / 'configs'}/")
+        (configs / name).write_text(text)
+    out = tmp_path / "qs"
+    proc = _quickstart(out, configs)
+
+    state = json.loads((out / "quickstart.json").read_text())
+    assert list(state["stages"]) == ["ingest", "split", "precompute", "step0", "train", "final"]
+    assert state["stages"]["ingest"]["totals"]["input"] == 300
+    assert len(state["stages"]["ingest"]["buckets"]) >= 3, state["stages"]["ingest"]["buckets"]
+
+    # Held-out images are real files and were never trained on.
+    held = [json.loads(line) for line in (out / "data" / "holdout" / "index.jsonl").read_text().splitlines()]
+    assert held and all(Path(h["file"]).is_file() for h in held)
+    train_keys = _train_keys(out / "data" / "train_minilm")
+    assert train_keys and not {h["key"] for h in held} & train_keys
+
+    # Training ran in two segments, the second resuming the first; a grid at step 0 and after each.
+    steps = [s["step"] for s in state["segments"]]
+    assert len(steps) == 2 and 0 < steps[0] < steps[1]
+    samples_dir = out / "runs" / "train" / "samples"
+    for step in [0, *steps]:
+        assert (samples_dir / f"step_{step:09d}.png").stat().st_size > 1000
+
+    # The loss went down: mean of the last quarter of the logged windows vs the first quarter.
+    rows = [json.loads(line) for line in (out / "runs" / "train" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]  # the quickstart adds one row of its own (FIDs, timings)
+    losses = [r["loss"] for r in train_rows]
+    k = max(2, len(losses) // 4)
+    assert len(losses) >= 6, losses
+    assert sum(losses[-k:]) / k < 0.8 * sum(losses[:k]) / k, losses
+    assert all(r["samples_per_s"] > 0 for r in train_rows)
+    assert any("quickstart/fid_final" in r for r in rows)
+
+    fid = state["fid"]
+    assert fid["step0"]["step"] == 0 and fid["final"]["step"] == steps[-1]
+    assert all(math.isfinite(fid[k]["fid"]) and fid[k]["fid"] > 0 for k in ("step0", "final"))
+
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4 and "<svg" in report and "polyline" in report
+    assert "FID" in report and "MFU" in report and "samples/s" in report
+    assert list((out / "runs" / "train" / "wandb").glob("offline-run-*"))
+    assert "wandb sync" in proc.stdout and str(out / "report.html") in proc.stdout
+
+    # A rerun resumes: every stage is skipped, nothing is trained twice.
+    again = _quickstart(out, configs)
+    assert again.stdout.count("already done") == 6, again.stdout
+    assert json.loads((out / "quickstart.json").read_text())["segments"] == state["segments"]
