@@ -58,8 +58,9 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 def _module_holds_master(engine) -> bool:
     """True when the module's own parameters are the full fp32 master weights, bit for bit: ZeRO-0/1/2 in fp32,
     where DeepSpeed copies each updated fp32 partition into the (same-dtype) module buffer and all-gathers it
-    after every step (tests/trainer/test_master_weights.py checks it on 2 ranks). Reading them then needs no collective: the EMA update per step drops from one
-    all-reduce per parameter to none (~20% of a small model's CPU step time)."""
+    after every step (tests/trainer/test_master_weights.py checks it on 2 ranks). Reading them then needs no
+    collective: the EMA update per step drops from one all-reduce per parameter to none (~20% of a small
+    model's CPU step time)."""
     dtype_ok = not engine.bfloat16_enabled() and not engine.fp16_enabled()
     return dtype_ok and engine.zero_optimization_stage() in (0, 1, 2)
 
@@ -69,9 +70,9 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
-    direct = _module_holds_master(engine)
+    gather = _uses_hp_mapping(engine) and not _module_holds_master(engine)
     for name, p in engine.module.named_parameters():
-        if not direct and _uses_hp_mapping(engine):
+        if gather:
             out[name] = safe_get_full_fp32_param(p).detach().to("cpu", torch.float32).clone()
         else:
             out[name] = p.detach().to("cpu", torch.float32).clone()

@@ -102,7 +102,7 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
         if ds.offload_param:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    out = {
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": optim.grad_accum,
         "train_batch_size": micro_batch * optim.grad_accum * world_size,
@@ -111,7 +111,6 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
             "torch_adam": not fused, "adam_w_mode": True}},
-        "scheduler": scheduler,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
@@ -119,6 +118,6 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if scheduler is None:
-        del out["scheduler"]
+    if scheduler is not None:
+        out["scheduler"] = scheduler
     return out
