@@ -259,15 +259,6 @@ class ModelGenerator:
                              height=self.spec.height, width=self.spec.width, device=self.device, dtype=self.dtype)
 
 
-def _uncond_like(text_encoder, cond, device):
-    """The empty-prompt condition, token-aligned with ``cond`` and broadcast to its batch."""
-    empty = text_encoder.empty_embedding().to(device)
-    n, L = cond.hidden.shape[:2]
-    e = empty.pad_to(L) if empty.hidden.shape[1] < L else type(empty)(empty.hidden[:, :L], empty.mask[:, :L], empty.pooled)
-    return type(empty)(e.hidden[:1].expand(n, -1, -1), e.mask[:1].expand(n, -1),
-                       None if e.pooled is None else e.pooled[:1].expand(n, -1))
-
-
 def sample_seeded(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, prompts: list[str], seeds: list[int],
                   *, height: int, width: int, device, dtype) -> list[Image.Image]:
     """One image per (prompt, seed); batched forwards, but every image's noise comes from its own seed.
@@ -280,6 +271,7 @@ def sample_seeded(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, 
 
     from trainer.diffusion.guidance import cat_cond, guided_output
     from trainer.diffusion.sampling import build_sampler
+    from trainer.sampling import uncond_like
 
     f = autoencoder.downsample_factor
     if height % f or width % f:
@@ -288,7 +280,7 @@ def sample_seeded(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, 
     shape1 = (1, autoencoder.latent_channels, height // f, width // f)
     with torch.no_grad():
         cond = text_encoder.encode(list(prompts)).to(device)
-        both = cat_cond(cond, _uncond_like(text_encoder, cond, device)) if sampler_cfg.cfg_scale != 1.0 else None
+        both = cat_cond(cond, uncond_like(text_encoder, cond, device)) if sampler_cfg.cfg_scale != 1.0 else None
         samplers = [build_sampler(sampler_cfg, objective_cfg) for _ in seeds]
         for s in samplers:
             s.set_timesteps(sampler_cfg.steps, image_shape=shape1)

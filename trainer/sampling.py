@@ -14,6 +14,16 @@ from tessera import storage
 log = logging.getLogger("tessera.sample")
 
 
+def uncond_like(text_encoder, cond, device):
+    """The empty-prompt condition for classifier-free guidance, token-aligned with ``cond`` (padded when the
+    empty prompt is shorter than a 'longest'-padded batch, cut when longer) and broadcast to its batch."""
+    empty = text_encoder.empty_embedding().to(device)
+    n, L = cond.hidden.shape[:2]
+    e = empty.pad_to(L) if empty.hidden.shape[1] < L else type(empty)(empty.hidden[:, :L], empty.mask[:, :L], empty.pooled)
+    return type(empty)(e.hidden[:1].expand(n, -1, -1), e.mask[:1].expand(n, -1),
+                       None if e.pooled is None else e.pooled[:1].expand(n, -1))
+
+
 @torch.no_grad()
 def generate(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, prompts: list[str], *, height: int,
              width: int, seed: int, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -26,18 +36,10 @@ def generate(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, promp
     if height % f or width % f:
         raise ValueError(f"height/width must be multiples of the autoencoder factor {f}, got {height}x{width}")
     out: list[Image.Image] = []
-    empty = text_encoder.empty_embedding().to(device)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         cond = text_encoder.encode(chunk).to(device)
-        L = cond.hidden.shape[1]
-        uncond_hidden = empty.hidden[:1, :L]
-        if uncond_hidden.shape[1] < L:  # the empty prompt is shorter than a 'longest'-padded batch
-            cond_empty = empty.pad_to(L)
-        else:
-            cond_empty = type(empty)(empty.hidden[:, :L], empty.mask[:, :L], empty.pooled)
-        uncond = type(empty)(cond_empty.hidden.expand(len(chunk), -1, -1), cond_empty.mask.expand(len(chunk), -1),
-                             None if cond_empty.pooled is None else cond_empty.pooled.expand(len(chunk), -1))
+        uncond = uncond_like(text_encoder, cond, device)
         gen = torch.Generator().manual_seed(seed + i)
         sampler = build_sampler(sampler_cfg, objective_cfg)
 
