@@ -14,7 +14,10 @@ def add_commands(sub) -> None:
                     "pixel-space DiT with DeepSpeed ZeRO-2, sample grids of held-out prompts, compute FID before "
                     "and after, and write <out>/report.html plus a W&B offline run. A rerun resumes; a larger "
                     "--minutes continues training from the last checkpoint.")
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget in minutes (default: 12)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training minutes (default: what --budget leaves after the other stages, ~12 on 2 cores)")
+    p.add_argument("--budget", type=float, default=18.5, metavar="MIN",
+                   help="wall-clock minutes of a fresh run when --minutes is not given (default: 18.5)")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--subset", type=int, default=None, metavar="N",
                    help="ingest at most N images (3/4 emoji, 1/4 clip art), e.g. for CI")
@@ -28,10 +31,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     """Run or resume the quickstart."""
     from tessera.quickstart import CONFIG_DIR, QuickstartOptions, run_quickstart
 
-    if args.minutes <= 0 or args.nproc < 1 or (args.subset is not None and args.subset < 2):
-        print("tessera: error: --minutes must be > 0, --nproc >= 1 and --subset >= 2", file=sys.stderr)
+    if (args.minutes is not None and args.minutes <= 0) or args.budget <= 0 or args.nproc < 1 or (
+            args.subset is not None and args.subset < 2):
+        print("tessera: error: --minutes and --budget must be > 0, --nproc >= 1 and --subset >= 2", file=sys.stderr)
         return 2
-    opts = QuickstartOptions(minutes=args.minutes, out=args.out, subset=args.subset, nproc=args.nproc,
+    opts = QuickstartOptions(minutes=args.minutes, budget=args.budget, out=args.out, subset=args.subset, nproc=args.nproc,
                              configs=args.configs or str(CONFIG_DIR))
     try:
         run_quickstart(opts)

@@ -91,3 +91,25 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     again = _quickstart(out, configs)
     assert again.stdout.count("already done") == 6, again.stdout
     assert json.loads((out / "quickstart.json").read_text())["segments"] == state["segments"]
+
+
+def test_training_budget_fills_the_wall_clock_budget_once(tmp_path):
+    """Without --minutes, training gets what the budget leaves after the stages so far, the launches, a final
+    FID as long as step 0's and the report; the choice is recorded, so a rerun trains to the same end."""
+    from tessera.quickstart import LAUNCH_S, REPORT_S, QuickstartEvalConfig, QuickstartOptions, State, train_minutes
+
+    ev = QuickstartEvalConfig(segments=3)
+    state = State(tmp_path / "quickstart.json")
+    state.data["fid"]["step0"] = {"fid": 390.0, "n": 539, "sample_s": 20.0, "inception_s": 40.0}
+    left_s = 18.5 * 60 - 180.0 - (20.0 + 40.0 + 10.0) - 3 * LAUNCH_S - REPORT_S
+    got = train_minutes(QuickstartOptions(budget=18.5), state, ev, elapsed_s=180.0)
+    assert got == pytest.approx(math.floor(left_s / 6) / 10) and 0 < left_s / 60 - got < 0.1
+    assert State(tmp_path / "quickstart.json").data["train_minutes"] == got  # recorded on disk
+    # A rerun (later, so less budget seemingly left) keeps the recorded budget; --minutes overrides and is kept.
+    assert train_minutes(QuickstartOptions(), state, ev, elapsed_s=900.0) == got
+    assert train_minutes(QuickstartOptions(minutes=30.0), state, ev, elapsed_s=0.0) == 30.0
+    assert train_minutes(QuickstartOptions(), state, ev, elapsed_s=0.0) == 30.0
+    # A machine so slow that nothing is left still trains the minimum.
+    slow = State(tmp_path / "slow.json")
+    slow.data["fid"]["step0"] = state.data["fid"]["step0"]
+    assert train_minutes(QuickstartOptions(budget=5.0), slow, ev, elapsed_s=600.0) == 2.0
