@@ -358,7 +358,9 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     state.data["options"] = {"minutes": opts.minutes, "budget": opts.budget, "subset": opts.subset,
                              "nproc": opts.nproc}
     ev = load_config(QuickstartEvalConfig, Path(opts.configs) / "eval.yaml")
-    budget = f"{opts.minutes:g} min of training" if opts.minutes else f"a {opts.budget:g}-min wall-clock budget"
+    recorded = state.data.get("train_minutes")
+    budget = (f"{opts.minutes:g} min of training" if opts.minutes else f"{recorded:g} min of training (recorded)"
+              if recorded else f"a wall-clock budget of {opts.budget:g} min")
     say(f"out {paths.out}: {budget} on {opts.nproc} rank(s)" + (f", at most {opts.subset} images" if opts.subset else ""))
 
     run_data_stages(opts, paths, state, ev)
