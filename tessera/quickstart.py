@@ -361,7 +361,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     recorded = state.data.get("train_minutes")
     budget = (f"{opts.minutes:g} min of training" if opts.minutes else f"{recorded:g} min of training (recorded)"
               if recorded else f"a wall-clock budget of {opts.budget:g} min")
-    say(f"out {paths.out}: {budget} on {opts.nproc} rank(s)" + (f", at most {opts.subset} images" if opts.subset else ""))
+    cap = f", at most {opts.subset} images" if opts.subset else ""
+    say(f"out {paths.out}: {budget} on {opts.nproc} rank(s){cap}")
 
     run_data_stages(opts, paths, state, ev)
     grid_items = pick_prompts(load_holdout(str(paths.holdout)), ev.grid_prompts)

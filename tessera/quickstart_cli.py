@@ -15,7 +15,7 @@ def add_commands(sub) -> None:
                     "and after, and write <out>/report.html plus a W&B offline run. A rerun resumes; a larger "
                     "--minutes continues training from the last checkpoint.")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training minutes (default: what --budget leaves after the other stages, ~12 on 2 cores)")
+                   help="training minutes (default: what --budget leaves after the other stages, ~13 min on 2 cores)")
     p.add_argument("--budget", type=float, default=18.5, metavar="MIN",
                    help="wall-clock minutes of a fresh run when --minutes is not given (default: 18.5)")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
@@ -35,8 +35,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             args.subset is not None and args.subset < 2):
         print("tessera: error: --minutes and --budget must be > 0, --nproc >= 1 and --subset >= 2", file=sys.stderr)
         return 2
-    opts = QuickstartOptions(minutes=args.minutes, budget=args.budget, out=args.out, subset=args.subset, nproc=args.nproc,
-                             configs=args.configs or str(CONFIG_DIR))
+    opts = QuickstartOptions(minutes=args.minutes, budget=args.budget, out=args.out, subset=args.subset,
+                             nproc=args.nproc, configs=args.configs or str(CONFIG_DIR))
     try:
         run_quickstart(opts)
     except RuntimeError as e:  # a failed stage: its message names the logs; a rerun resumes from there

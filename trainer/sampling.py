@@ -19,7 +19,10 @@ def uncond_like(text_encoder, cond, device):
     empty prompt is shorter than a 'longest'-padded batch, cut when longer) and broadcast to its batch."""
     empty = text_encoder.empty_embedding().to(device)
     n, L = cond.hidden.shape[:2]
-    e = empty.pad_to(L) if empty.hidden.shape[1] < L else type(empty)(empty.hidden[:, :L], empty.mask[:, :L], empty.pooled)
+    if empty.hidden.shape[1] < L:
+        e = empty.pad_to(L)
+    else:
+        e = type(empty)(empty.hidden[:, :L], empty.mask[:, :L], empty.pooled)
     return type(empty)(e.hidden[:1].expand(n, -1, -1), e.mask[:1].expand(n, -1),
                        None if e.pooled is None else e.pooled[:1].expand(n, -1))
 
