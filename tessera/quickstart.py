@@ -223,7 +223,7 @@ def decay_plan(segs: list[dict], minutes: float, samples_now: int) -> dict | Non
 
 
 # Wall-clock seconds a training launch adds to its budgeted minutes (process start, DeepSpeed init, the final
-# checkpoint: 13-22 s measured on the 2-core machine), and the report + W&B run (~5 s).
+# checkpoint: 13-22 s measured on the 2-core machine), and the report + W&B run (~5 s measured; 15 s reserved).
 LAUNCH_S, REPORT_S = 25.0, 15.0
 MIN_TRAIN_MINUTES = 2.0
 
@@ -368,9 +368,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     grid_items = pick_prompts(load_holdout(str(paths.holdout)), ev.grid_prompts)
     cfg = train_config(opts, paths, [h.caption for h in grid_items])
     fid = None if state.done("step0") else run_step0(paths, state, ev, cfg)
-    minutes = train_minutes(opts, state, ev, time.perf_counter() - t_start)
-    state.data["options"]["minutes"] = minutes
-    run_training(opts, paths, state, ev, minutes)
+    run_training(opts, paths, state, ev, train_minutes(opts, state, ev, time.perf_counter() - t_start))
     if _final_is_current(paths, state):
         state.done("final")
     else:

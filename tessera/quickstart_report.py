@@ -90,7 +90,7 @@ def reference_grid(grid_items) -> bytes:
 
 def grid_figures(paths, data: dict) -> list[tuple[str, Path]]:
     """(caption, PNG path) for step 0 and the end of every training segment that has a grid."""
-    total = data["options"]["minutes"]
+    total = data["train_minutes"]
     out = [("0% of the budget · step 0 (initial model)", paths.run / "samples" / f"step_{0:09d}.png")]
     for s in data["segments"]:
         pct = 100 * s["trained_minutes"] / total
@@ -135,7 +135,7 @@ def write_report(paths, data: dict, cfg, grid_items) -> Path:
     peak = cfg.train.cpu_peak_tflops
     body = [
         "<h1>Tessera quickstart</h1>",
-        f"<p class=muted>{html.escape(str(paths.out))} · {data['options']['minutes']:g} min of training on "
+        f"<p class=muted>{html.escape(str(paths.out))} · {data['train_minutes']:g} min of training on "
         f"{data['options']['nproc']} rank(s) · {last['step']} steps · {last['samples']:,} samples</p>",
         "<h2>FID before and after</h2>", _fid_section(data),
         "<h2>Sample grids over training</h2><p class=muted>EMA weights, held-out captions, Euler "
