@@ -10,6 +10,8 @@ PIP := $(VENV)/bin/pip
 CONSTRAINTS ?= constraints/dev.txt
 STAMP := $(VENV)/.tessera-installed
 APT_DATA := fonts-noto-color-emoji openclipart-png iso-flags-png-320x240
+# A real single-node Slurm for the cluster tests (started and stopped by the test harness).
+APT_TEST := slurm-wlm munge
 # Offline, CPU-detecting defaults for every test and quickstart process.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -32,9 +34,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	@touch $(STAMP)
 
-# Debian data packages with the real images the built-in sources draw from.
+# Debian data packages with the real images the built-in sources draw from (APT_PKGS adds more).
 apt-data:
-	@missing=""; for p in $(APT_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_DATA) $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian data packages:$$missing"; \
@@ -43,11 +45,12 @@ apt-data:
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
 	    sudo apt-get install -y -q $$missing; \
 	  else \
-	    echo "error: missing Debian data packages:$$missing. Run as root: apt-get install -y$$missing" >&2; exit 1; \
+	    echo "error: missing Debian packages:$$missing. Run as root: apt-get install -y$$missing" >&2; exit 1; \
 	  fi; \
 	fi
 
-test: install apt-data
+test: install
+	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 quickstart: install apt-data

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_ours(a: argparse.Namespace) -> torch.nn.Module:
     """Our DiT with the benchmark's shape."""
-    from trainer.models.dit import DiT, DiTConfig
+    from tessera.trainer.models.dit import DiT, DiTConfig
 
     cfg = DiTConfig(in_channels=a.channels, out_channels=a.channels, patch_size=a.patch, hidden_size=a.width,
                     depth=a.depth, num_heads=a.width // a.head_dim, text_dim=a.text_dim,

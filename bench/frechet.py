@@ -54,7 +54,7 @@ def main() -> int:
 
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    from evaluation.fid import frechet_distance
+    from tessera.evaluation.fid import frechet_distance
 
     rng = np.random.default_rng(args.seed)
     q, _ = np.linalg.qr(rng.standard_normal((args.dim, args.dim)))  # random rotation

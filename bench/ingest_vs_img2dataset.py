@@ -67,7 +67,7 @@ def build_images(work: Path, n: int, procs: int) -> Path:
     if table.exists() and len(json.loads(table.read_text())) >= n:
         return img_dir
     img_dir.mkdir(parents=True, exist_ok=True)
-    from data_pipeline.sources.emoji_src import emoji_caption, emoji_list, render
+    from tessera.data_pipeline.sources.emoji_src import emoji_caption, emoji_list, render
 
     rng = random.Random(0)
     clip = sorted(str(p) for p in Path(CLIPART).rglob("*.png"))
@@ -144,7 +144,7 @@ def run_tessera(urls: Path, out: Path, args) -> tuple[float, dict, float]:
     """(wall seconds excluding Ray start-up, manifest, Ray start-up seconds)."""
     import ray
 
-    from data_pipeline.ingest import IngestConfig, run_ingest
+    from tessera.data_pipeline.ingest import IngestConfig, run_ingest
     from tessera.config import from_dict
 
     shutil.rmtree(out, ignore_errors=True)

@@ -49,7 +49,7 @@ def plain_webdataset(data: str, workers: int, batch_size: int) -> int:
 
 def tessera_loader(data: str, workers: int, batch_size: int) -> int:
     """One epoch of Tessera's loader (verification on, bucketed, planned order); returns samples."""
-    from trainer.data import LoaderConfig, build_loader
+    from tessera.trainer.data import LoaderConfig, build_loader
 
     cfg = LoaderConfig(path=data, batch_size=batch_size, num_workers=workers, epochs=1, partial_buckets="drop",
                        shuffle_buffer=1000, caption_variants={"alt": 1.0})

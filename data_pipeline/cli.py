@@ -10,7 +10,7 @@ from tessera.cli_args import add_config_args, load_from_args
 
 def _ingest(args: argparse.Namespace) -> int:
     """Run or resume an ingest from a config file plus overrides."""
-    from data_pipeline.ingest import IngestConfig, run_ingest
+    from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 
     cfg = load_from_args(IngestConfig, args)
     m = run_ingest(cfg)
@@ -22,7 +22,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Print a dataset's totals, reasons, bucket histogram and a few captions."""
-    from data_pipeline.inspect_verify import inspect_dataset
+    from tessera.data_pipeline.inspect_verify import inspect_dataset
 
     print(inspect_dataset(args.dir, n_captions=args.captions))
     return 0
@@ -30,7 +30,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     """Re-hash and re-read every shard; exit 1 naming each bad shard."""
-    from data_pipeline.inspect_verify import verify_dataset
+    from tessera.data_pipeline.inspect_verify import verify_dataset
 
     problems, summary = verify_dataset(args.dir, threads=args.threads)
     for p in problems:
@@ -44,7 +44,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _precompute(args: argparse.Namespace) -> int:
     # Imported here: the encoders pull in torch/transformers, which `tessera --help` must not pay for.
-    from data_pipeline.precompute import precompute_command
+    from tessera.data_pipeline.precompute import precompute_command
 
     return precompute_command(args)
 

@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
+
+from tessera.ray_runtime import RayConfig, ensure_ray
 
 log = logging.getLogger("tessera.data")
 
 Task = dict[str, Any]
 TaskFn = Callable[[Task], dict]
-
-
-@dataclass(kw_only=True)
-class RayConfig:
-    """How to reach Ray: start an embedded runtime (``address: null``) or join ``address``."""
-
-    address: str | None = None
-    num_cpus: int | None = None  # embedded runtime only; None -> all cores
-    include_dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"  # never 0.0.0.0 unless a config says so
-    object_store_memory_mb: int | None = None  # embedded runtime only; None -> Ray's default (30% RAM)
-
-    def __post_init__(self) -> None:
-        if self.num_cpus is not None and self.num_cpus < 1:
-            raise ValueError(f"num_cpus must be >= 1, got {self.num_cpus}")
 
 
 class LocalExecutor:
@@ -66,16 +52,7 @@ class RayExecutor:
         import ray
 
         self.max_retries = max_retries
-        self._owned = False
-        if not ray.is_initialized():
-            if cfg.address:
-                # A joined cluster's dashboard is configured by its own ``ray start``.
-                ray.init(address=cfg.address)
-            else:
-                store = None if cfg.object_store_memory_mb is None else cfg.object_store_memory_mb * 2**20
-                ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-                         dashboard_host=cfg.dashboard_host, object_store_memory=store)
-            self._owned = True
+        self._owned = ensure_ray(cfg)
         self._ray = ray
 
     def map(self, fn: TaskFn, tasks: list[Task]) -> Iterator[dict]:

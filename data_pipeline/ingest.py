@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Iterable, Iterator, Literal
 
-from data_pipeline.dedup import Candidate, DedupConfig, decide
-from data_pipeline.executors import LocalExecutor, Progress, RayConfig, RayExecutor, make_executor
-from data_pipeline.manifest import AccountingError, build_manifest, check_shard_accounting, output_config_hash
-from data_pipeline.process import ProcessConfig
-from data_pipeline.shards import (
+from tessera.data_pipeline.dedup import Candidate, DedupConfig, decide
+from tessera.data_pipeline.executors import LocalExecutor, Progress, RayConfig, RayExecutor, make_executor
+from tessera.data_pipeline.manifest import AccountingError, build_manifest, check_shard_accounting, output_config_hash
+from tessera.data_pipeline.process import ProcessConfig
+from tessera.data_pipeline.shards import (
     TarShardWriter, iter_samples, read_json, sample_members, write_json, write_rejects,
 )  # fmt: skip
-from data_pipeline.sources import Partition, SourceConfig
+from tessera.data_pipeline.sources import Partition, SourceConfig
 from tessera import storage
 from tessera.config import ConfigError, from_dict, to_dict
 from tessera.storage import StorageConfig
@@ -105,7 +105,7 @@ _PROCESSORS: dict[str, Any] = {}
 
 def _processor(cfg: IngestConfig):
     """One SampleProcessor per worker process and config (scorers may load models: build once)."""
-    from data_pipeline.process import SampleProcessor
+    from tessera.data_pipeline.process import SampleProcessor
     from tessera.config import config_hash
 
     h = config_hash(cfg.process)
@@ -133,8 +133,8 @@ def _location(meta: dict) -> dict:
 
 def stage_partition(task: dict) -> dict:
     """Phase 1 task: read and process one partition into a staging tar plus its hashes file."""
-    from data_pipeline.sample import Processed
-    from data_pipeline.sources import build_source
+    from tessera.data_pipeline.sample import Processed
+    from tessera.data_pipeline.sources import build_source
 
     cfg, n = _task_config(task), task["index"]
     hashes_url = _staging(cfg.output, n, ".hashes.json")
@@ -220,7 +220,7 @@ def finalize_partition(task: dict) -> dict:
 
 def plan_partitions(cfg: IngestConfig) -> list[dict]:
     """Every partition of every source (config order), as plain-data task dicts numbered globally."""
-    from data_pipeline.sources import build_source
+    from tessera.data_pipeline.sources import build_source
 
     plain = to_dict(cfg)
     tasks = []

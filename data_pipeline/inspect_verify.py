@@ -9,8 +9,8 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from data_pipeline.manifest import load_manifest
-from data_pipeline.shards import IMAGE_EXTS
+from tessera.data_pipeline.manifest import load_manifest
+from tessera.data_pipeline.shards import IMAGE_EXTS
 from tessera import storage
 
 

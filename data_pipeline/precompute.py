@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, BinaryIO, Iterable, Iterator, Literal
 
-from data_pipeline.executors import Progress, RayConfig, RayExecutor
-from data_pipeline.manifest import FORMAT
-from data_pipeline.shards import IMAGE_EXTS, TarShardWriter, iter_samples, read_json, write_json
+from tessera.data_pipeline.executors import Progress, RayConfig, RayExecutor
+from tessera.data_pipeline.manifest import FORMAT
+from tessera.data_pipeline.shards import IMAGE_EXTS, TarShardWriter, iter_samples, read_json, write_json
 from tessera import __version__, storage
 from tessera.cli_args import add_config_args, load_from_args
 from tessera.config import ConfigError, config_hash, from_dict, to_dict
 from tessera.storage import StorageConfig
-from trainer.autoencoders.configs import AutoencoderConfig
-from trainer.text_encoders.configs import HFEncoderConfig, TextEncoderConfig
+from tessera.trainer.autoencoders.configs import AutoencoderConfig
+from tessera.trainer.text_encoders.configs import HFEncoderConfig, TextEncoderConfig
 
 log = logging.getLogger("tessera.data")
 
@@ -152,8 +152,8 @@ def _cached(kind: str, cfg: Any, build: Any) -> Any:
 
 def load_encoders(text_cfg: TextEncoderConfig, ae_cfg: AutoencoderConfig | None) -> tuple[Any, Any]:
     """(text encoder, autoencoder or None), built once per process and config: reruns reuse them."""
-    from trainer.autoencoders import build_autoencoder
-    from trainer.text_encoders import build_text_encoder
+    from tessera.trainer.autoencoders import build_autoencoder
+    from tessera.trainer.text_encoders import build_text_encoder
 
     text = _cached("text", text_cfg, build_text_encoder)
     return text, None if ae_cfg is None else _cached("ae", ae_cfg, build_autoencoder)

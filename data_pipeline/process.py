@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from data_pipeline import imageops
-from data_pipeline.buckets import BucketConfig, assign_bucket, bucket_name, bucket_table
-from data_pipeline.imageops import ImageReject
-from data_pipeline.phash import phash, phash_hex
-from data_pipeline.sample import Processed, RawSample, Rejected, sample_key
-from data_pipeline.scoring import ScoreFilter, ScoreFilterConfig, build_score_filters
+from tessera.data_pipeline import imageops
+from tessera.data_pipeline.buckets import BucketConfig, assign_bucket, bucket_name, bucket_table
+from tessera.data_pipeline.imageops import ImageReject
+from tessera.data_pipeline.phash import phash, phash_hex
+from tessera.data_pipeline.sample import Processed, RawSample, Rejected, sample_key
+from tessera.data_pipeline.scoring import ScoreFilter, ScoreFilterConfig, build_score_filters
 
 _LOCATION_KEYS = ("url", "path")
 

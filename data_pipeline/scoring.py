@@ -1,19 +1,17 @@
-"""Score filters: a plug-in seam (CLIP score, aesthetics... registered by the evaluation package).
+"""Score filters: ingest keeps a sample only when a reward's score is inside a configured range.
 
-``SCORERS`` maps a name to a factory ``fn(options: dict[str, str]) -> Scorer``. A scorer scores a
-batch of bucketed RGB images with their captions; the processor stores every score in
-``meta["scores"][name]`` and rejects ``score_<name>`` when a score is outside [min, max].
+The scorers are the evaluation package's rewards (``evaluation.rewards.REWARDS``: colorfulness, CLIP score,
+aesthetics, preference), built from the filter's ``options: dict[str, str]``. A scorer scores a batch of
+bucketed RGB images with their captions; the processor stores every score in ``meta["scores"][name]`` and
+rejects ``score_<name>`` when a score is outside [min, max].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
-import numpy as np
 from PIL import Image
-
-from tessera.registry import Registry
 
 
 class Scorer(Protocol):
@@ -24,9 +22,6 @@ class Scorer(Protocol):
     def score(self, images: list[Image.Image], captions: list[str]) -> list[float]:
         """One score per (image, caption) pair, in order."""
         ...
-
-
-SCORERS: Registry[Callable[[dict[str, str]], Scorer]] = Registry("score filter")
 
 
 @dataclass(kw_only=True)
@@ -59,34 +54,11 @@ class ScoreFilter:
 
 
 def build_score_filters(cfgs: list[ScoreFilterConfig]) -> list[ScoreFilter]:
-    """Instantiate the configured scorers through the registry."""
-    if any(c.name not in SCORERS for c in cfgs):
-        # The model-based scorers (aesthetic, clip_score, preference) live in the evaluation package and
-        # register themselves on import; imported only when a config asks for one (torch/open_clip are heavy).
-        import evaluation.rewards  # noqa: F401
-    return [ScoreFilter(c, SCORERS.get(c.name)(dict(c.options))) for c in cfgs]
+    """Instantiate the configured scorers from the reward registry."""
+    if not cfgs:
+        return []
+    # Imported here, not at the top: the rewards pull in torch and open_clip, which an ingest without
+    # score filters never needs (its workers then start ~3 s faster).
+    from tessera.evaluation.rewards import build_reward
 
-
-class Colorfulness:
-    """Hasler & Suesstrunk (2003) colourfulness: sigma_rgyb + 0.3 * mu_rgyb; 0 for grey images."""
-
-    name = "colorfulness"
-
-    def score(self, images: list[Image.Image], captions: list[str]) -> list[float]:
-        """Colourfulness of each image (captions unused)."""
-        out = []
-        for img in images:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
-            r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-            rg, yb = r - g, 0.5 * (r + g) - b
-            sigma = np.hypot(rg.std(), yb.std())
-            mu = np.hypot(rg.mean(), yb.mean())
-            out.append(float(sigma + 0.3 * mu))
-        return out
-
-
-@SCORERS.register("colorfulness")
-def _colorfulness(options: dict[str, str]) -> Scorer:
-    if options:
-        raise ValueError(f"score filter 'colorfulness' takes no options, got {sorted(options)}")
-    return Colorfulness()
+    return [ScoreFilter(c, build_reward(c.name, dict(c.options))) for c in cfgs]

@@ -8,7 +8,7 @@ import sys
 
 def _eval(args: argparse.Namespace) -> int:
     """Run the suite on every ``--checkpoint``; print a metrics table and where the outputs are."""
-    from evaluation.suite import EvalSuiteConfig, run_suite
+    from tessera.evaluation.suite import EvalSuiteConfig, run_suite
     from tessera.cli_args import load_from_args
 
     cfg = load_from_args(EvalSuiteConfig, args)  # exits 0 after printing the config on --dry-run

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evaluation.images import ImageSource, as_source
-from evaluation.inception import INPUT_SIZE, NORMALISATION, FIDInception, load_inception
-from evaluation.stats_cache import StatsCache, cache_key
+from tessera.evaluation.images import ImageSource, as_source
+from tessera.evaluation.inception import INPUT_SIZE, NORMALISATION, FIDInception, load_inception
+from tessera.evaluation.stats_cache import StatsCache, cache_key
 
 log = logging.getLogger(__name__)
 

@@ -162,12 +162,9 @@ def _ray_actors(cfg: DistributeConfig, factory, folder: ImageFolder, prompts: li
     """Start Ray if needed and create the generation actors (GPU each when the cluster has GPUs)."""
     import ray
 
-    if not ray.is_initialized():
-        if cfg.address:
-            ray.init(address=cfg.address)
-        else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, object_store_memory=cfg.object_store_mb << 20,
-                     _node_ip_address="127.0.0.1")
+    from tessera.ray_runtime import RayConfig, ensure_ray
+
+    ensure_ray(RayConfig(address=cfg.address, num_cpus=cfg.num_cpus, object_store_memory_mb=cfg.object_store_mb))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = cfg.num_actors or max(gpus, 1)
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpus else 0)(_GenActor)
@@ -241,7 +238,7 @@ class SamplingSpec:
 
 
 class ModelGenerator:
-    """Per-image-seeded, batched sampling from an in-memory model (see ``sample_seeded``)."""
+    """Per-image-seeded, batched sampling from an in-memory model (``trainer.inference.sample_seeded``)."""
 
     def __init__(self, model, text_encoder, autoencoder, objective_cfg, spec: SamplingSpec, device=None) -> None:
         import torch
@@ -252,55 +249,12 @@ class ModelGenerator:
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         from tessera.config import from_dict
-        from trainer.diffusion.sampling import SamplerConfig
+        from tessera.trainer.diffusion.sampling import SamplerConfig
+        from tessera.trainer.inference import sample_seeded
 
         smp = from_dict(SamplerConfig, self.spec.sampler, "sampling spec")
         return sample_seeded(self.model, self.te, self.ae, smp, self.obj_cfg, prompts, seeds,
                              height=self.spec.height, width=self.spec.width, device=self.device, dtype=self.dtype)
-
-
-def sample_seeded(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, prompts: list[str], seeds: list[int],
-                  *, height: int, width: int, device, dtype) -> list[Image.Image]:
-    """One image per (prompt, seed); batched forwards, but every image's noise comes from its own seed.
-
-    Each image gets its own sampler instance (samplers keep per-run state such as multistep history)
-    and its own CPU generator for x_T and stochastic steps, so the result does not depend on which
-    other images share its batch.
-    """
-    import torch
-
-    from trainer.diffusion.guidance import cat_cond, guided_output
-    from trainer.diffusion.sampling import build_sampler
-    from trainer.sampling import uncond_like
-
-    f = autoencoder.downsample_factor
-    if height % f or width % f:
-        raise ValueError(f"height/width must be multiples of the autoencoder factor {f}, got {height}x{width}")
-    model.eval()
-    shape1 = (1, autoencoder.latent_channels, height // f, width // f)
-    with torch.no_grad():
-        cond = text_encoder.encode(list(prompts)).to(device)
-        both = cat_cond(cond, uncond_like(text_encoder, cond, device)) if sampler_cfg.cfg_scale != 1.0 else None
-        samplers = [build_sampler(sampler_cfg, objective_cfg) for _ in seeds]
-        for s in samplers:
-            s.set_timesteps(sampler_cfg.steps, image_shape=shape1)
-        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
-        x = torch.cat([torch.randn(shape1, generator=g, dtype=torch.float32) for g in gens]).to(device)  # (B, C, h, w)
-        x = x * samplers[0].init_noise_sigma
-
-        def model_fn(xx, t, c):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return model(xx.to(dtype), t, c.hidden.to(dtype), c.mask,
-                             None if c.pooled is None else c.pooled.to(dtype)).float()
-
-        for t in samplers[0].timesteps:
-            x_in, t_model = samplers[0].model_input(x, t)  # every sampler sits at the same step
-            timestep = torch.full((x.shape[0],), t_model, device=x.device, dtype=torch.float32)  # (B,)
-            out = guided_output(model_fn, x_in, timestep, cond, both, sampler_cfg.cfg_scale)
-            x = torch.cat([s.step(out[i:i + 1], t, x[i:i + 1], generator=gens[i]) for i, s in enumerate(samplers)])
-        imgs = autoencoder.decode(x).float().clamp(-1, 1)  # (B, 3, H, W)
-    arr = ((imgs + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 class CheckpointFactory:
@@ -311,7 +265,7 @@ class CheckpointFactory:
 
     def __call__(self) -> ModelGenerator:
         from tessera.device import pick_device
-        from trainer.export import load_for_sampling
+        from tessera.trainer.inference import load_for_sampling
 
         device = pick_device(self.device)
         model, te, ae, obj_cfg, _, _ = load_for_sampling(self.checkpoint, use_ema=self.use_ema, device=device)

@@ -1,10 +1,8 @@
 """In-training evaluation: run a small suite on in-memory weights every N samples and log it.
 
-The trainer calls (rank 0, with the EMA or gathered weights in a plain ``nn.Module``)::
-
-    from evaluation.in_training import evaluate_weights
-    evaluate_weights(model, frozen.text, frozen.ae, cfg.objective, suite_cfg, step, tracker,
-                     sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width))
+The evaluation package sits above the trainer, so the CLI builds ``training_hooks(cfg)`` and hands it to
+``trainer.loop.train``; the loop then calls ``hooks.evaluate(model, text_encoder, autoencoder, step, tracker)``
+on rank 0 with the EMA (or gathered) weights in a plain ``nn.Module``.
 
 Images stay in memory (nothing is written); the FID network and the reference statistics are loaded
 once per process and suite, so later calls cost only sampling and feature extraction.
@@ -15,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from evaluation.suite import EvalSuiteConfig, MetricSet, resolve_spec
+from tessera.evaluation.suite import EvalSuiteConfig, MetricSet, resolve_spec
 from tessera.config import config_hash, to_dict
 
 log = logging.getLogger("tessera.eval.in_training")
@@ -35,10 +33,10 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
                      tracker=None, *, sampler_cfg=None, size: tuple[int, int] | None = None,
                      prefix: str | None = None) -> dict:
     """Generate the suite's images from in-memory weights, compute its metrics, log them at ``step``."""
-    from evaluation.generate import ModelGenerator, image_seed, work_items
-    from evaluation.images import PILSource
-    from evaluation.prompts import load_prompt_set
-    from trainer.diffusion.sampling import SamplerConfig
+    from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
+    from tessera.evaluation.images import PILSource
+    from tessera.evaluation.prompts import load_prompt_set
+    from tessera.trainer.diffusion.sampling import SamplerConfig
 
     suite_cfg.check()
     s = suite_cfg.sampling
@@ -73,3 +71,19 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in metrics.items()))
     return metrics
+
+
+def training_hooks(cfg):
+    """The trainer's ``TrainHooks`` for a ``TrainJobConfig``: its ``eval`` suite run every ``eval.every_samples``."""
+    from tessera.config import load_config
+    from tessera.trainer.grids import TrainHooks
+
+    if not cfg.eval.every_samples:
+        return TrainHooks()
+    suite = load_config(EvalSuiteConfig, cfg.eval.suite, cfg.eval.overrides)
+
+    def evaluate(model, text_encoder, autoencoder, step, tracker):
+        return evaluate_weights(model, text_encoder, autoencoder, cfg.objective, suite, step, tracker,
+                                sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width))
+
+    return TrainHooks(evaluate=evaluate)

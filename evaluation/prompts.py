@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.resources
 import io
 import json
 import random
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN = "builtin"
-BUILTIN_PATH = Path(__file__).with_name("prompts_builtin.txt")
+BUILTIN_PATH = Path(str(importlib.resources.files("tessera.evaluation").joinpath("prompts_builtin.txt")))
 
 
 class PromptError(ValueError):

@@ -64,7 +64,7 @@ def write_outputs(cfg, prompts: list[str], results: list[dict], wandb_info: dict
 
 def log_wandb(cfg, prompts: list[str], results: list[dict]) -> dict:
     """Log metrics per checkpoint step and one table of (checkpoint, prompt, image, scores); returns run info."""
-    from evaluation.generate import ImageFolder
+    from tessera.evaluation.generate import ImageFolder
     from tessera.tracking import Run, RunConfig, Tracker
 
     run = Run(RunConfig(root=storage.join(cfg.output, "tracking")))
@@ -167,7 +167,7 @@ img{image-rendering:pixelated;border:1px solid #ddd}pre{background:#f6f6f6;paddi
 
 def render_report(cfg, prompts: list[str], results: list[dict]) -> str:
     """The whole HTML report as a string (thumbnails embedded, plots as inline SVG)."""
-    from evaluation.generate import ImageFolder
+    from tessera.evaluation.generate import ImageFolder
 
     names = metric_names(results)
     head = ["checkpoint", "step", "samples", "weights sha256", *names]

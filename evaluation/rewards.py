@@ -1,4 +1,4 @@
-"""Reward models: LAION aesthetic predictor, PickScore/HPSv2-style preference score, CLIP score.
+"""Reward models: LAION aesthetic predictor, PickScore/HPSv2-style preference score, CLIP score, colourfulness.
 
 Each reward is built from its typed config (``REWARDS.get(name)`` is the class, ``.Config`` its
 dataclass) and exposes:
@@ -7,8 +7,8 @@ dataclass) and exposes:
 * ``score_tensor(images (B, 3, H, W) in [-1, 1], prompts) -> (B,)``: differentiable w.r.t. the
   images (the reward model's own weights stay frozen), for reward-backprop fine-tuning.
 
-All three are also ingest score filters (``data_pipeline.scoring.SCORERS``), built from the filter's
-``options: dict[str, str]``, each value parsed by the config field's declared type.
+Every reward is also an ingest score filter (``data_pipeline.scoring``), built by ``build_reward`` from the
+filter's ``options: dict[str, str]``, each value parsed by the config field's declared type.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.clip_score import ClipModel, load_clip
+from tessera.evaluation.clip_score import ClipModel, load_clip
 from tessera.config import apply_overrides, from_dict
 from tessera.registry import Registry
 
@@ -178,31 +179,31 @@ class ClipScoreReward(_BatchedReward):
         return 100 * (img * txt).sum(-1).clamp_min(0)
 
 
+@REWARDS.register("colorfulness")
+class ColorfulnessReward(_BatchedReward):
+    """Hasler & Suesstrunk (2003) colourfulness: sigma_rgyb + 0.3 * mu_rgyb; 0 for grey images (no weights)."""
+
+    name = "colorfulness"
+
+    @dataclass(kw_only=True)
+    class Config:
+        batch_size: int = 256
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.batch_size = cfg, cfg.batch_size
+
+    def _score_pil(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        out = []
+        for img in images:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
+            r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+            rg, yb = r - g, 0.5 * (r + g) - b
+            out.append(float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())))
+        return torch.tensor(out, dtype=torch.float64)
+
+
 def build_reward(name: str, options: dict[str, str] | None = None):
     """Build reward ``name`` from string options (parsed by the config's field types)."""
     cls = REWARDS.get(name)
     data = apply_overrides(cls.Config, {}, [f"{k}={v}" for k, v in (options or {}).items()])
     return cls(from_dict(cls.Config, data, source=f"reward {name!r} options"))
-
-
-def _scorer_factory(name: str):
-    def factory(options: dict[str, str]):
-        return build_reward(name, options)
-
-    factory.__name__ = f"{name}_score_filter"
-    return factory
-
-
-_FACTORIES = {name: _scorer_factory(name) for name in ("aesthetic", "preference", "clip_score")}
-
-
-def register_score_filters() -> None:
-    """Register aesthetic, preference and clip_score in ``data_pipeline.scoring.SCORERS`` (idempotent)."""
-    from data_pipeline.scoring import SCORERS
-
-    for name, factory in _FACTORIES.items():
-        if name not in SCORERS:
-            SCORERS.register(name)(factory)
-
-
-register_score_filters()

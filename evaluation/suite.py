@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from evaluation.generate import DistributeConfig, SamplingSpec
-from evaluation.prompts import PromptSetConfig
+from tessera.evaluation.generate import DistributeConfig, SamplingSpec
+from tessera.evaluation.prompts import PromptSetConfig
 from tessera import storage
 from tessera.config import ConfigError, config_hash, from_dict, to_dict
 from tessera.tracking import TrackingConfig
@@ -86,7 +86,7 @@ class ClipScoreSettings:
 
 @dataclass(kw_only=True)
 class RewardSettings:
-    """A per-image scorer from the ``SCORERS`` registry (aesthetic, preference, ...), with its options."""
+    """A per-image reward from ``evaluation.rewards.REWARDS`` (aesthetic, preference, ...), with its options."""
 
     name: str
     options: dict[str, str] = field(default_factory=dict)
@@ -151,7 +151,7 @@ def checkpoint_info(checkpoint: str) -> CheckpointInfo:
     """Resolve a checkpoint/run/export dir and read its step, sample settings and weight files."""
     import json
 
-    from trainer.export import resolve_checkpoint
+    from tessera.trainer.inference import resolve_checkpoint
 
     kind, url = resolve_checkpoint(checkpoint)
     if kind == "export":
@@ -159,7 +159,7 @@ def checkpoint_info(checkpoint: str) -> CheckpointInfo:
         files = [f"{v}/model.safetensors" for v in meta["variants"]]
         step, samples, sampler, size = meta.get("step", 0), meta.get("samples", 0), meta["sampler"], meta["sample_size"]
     else:
-        from trainer.config import TrainJobConfig
+        from tessera.trainer.config import TrainJobConfig
 
         cfg = from_dict(TrainJobConfig, yaml.safe_load(storage.read_text(storage.join(url, "config.yaml"))),
                         f"{url}/config.yaml")
@@ -174,7 +174,7 @@ def checkpoint_info(checkpoint: str) -> CheckpointInfo:
 
 def resolve_spec(s: SamplingConfig, base_sampler: dict, base_size: tuple[int, int]) -> SamplingSpec:
     """The suite's sampling settings over a checkpoint's defaults, validated as a trainer SamplerConfig."""
-    from trainer.diffusion.sampling import SamplerConfig
+    from tessera.trainer.diffusion.sampling import SamplerConfig
 
     over = {"name": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale}
     merged = dict(base_sampler, **{k: v for k, v in over.items() if v is not None})
@@ -214,7 +214,7 @@ def items_source(folder, items: list, scratch: Path):
     """An FID image source over exactly ``items`` of a folder (S3 folders are copied to ``scratch``)."""
     from collections import Counter
 
-    from evaluation.images import FolderSource
+    from tessera.evaluation.images import FolderSource
 
     if storage.is_s3(folder.url):
         root = scratch
@@ -231,9 +231,9 @@ def items_source(folder, items: list, scratch: Path):
 
 def run_suite(cfg: EvalSuiteConfig, checkpoints: list[str]) -> dict:
     """Evaluate every checkpoint; write per-checkpoint and combined metrics.json, the report and W&B."""
-    from evaluation.generate import CheckpointFactory, ImageFolder, generate_missing, work_items
-    from evaluation.prompts import load_prompt_set, prompts_sha256
-    from evaluation.report import log_wandb, write_outputs
+    from tessera.evaluation.generate import CheckpointFactory, ImageFolder, generate_missing, work_items
+    from tessera.evaluation.prompts import load_prompt_set, prompts_sha256
+    from tessera.evaluation.report import log_wandb, write_outputs
 
     cfg.check()
     if not checkpoints:
@@ -300,7 +300,7 @@ class MetricSet:
     def inception(self):
         """The FID network, loaded on first use."""
         if self._net is None:
-            from evaluation.inception import load_inception
+            from tessera.evaluation.inception import load_inception
 
             self._net = load_inception(self.cfg.fid.network, None if self.cfg.fid.device == "auto" else self.cfg.fid.device)
         return self._net
@@ -310,8 +310,8 @@ class MetricSet:
         if self._ref is None:
             import numpy as np
 
-            from evaluation.fid import compute_fid_stats
-            from evaluation.stats_cache import StatsCache
+            from tessera.evaluation.fid import compute_fid_stats
+            from tessera.evaluation.stats_cache import StatsCache
 
             f = self.cfg.fid
             mu, sigma, meta = compute_fid_stats(f.reference, self.inception(), f.batch_size, StatsCache(f.stats_cache),
@@ -325,24 +325,17 @@ class MetricSet:
         return self._ref
 
     def scorers(self) -> list:
-        """[(metric name, scorer)] for the configured rewards, built through the ``SCORERS`` registry."""
+        """[(metric name, reward)] for the configured rewards, built from the reward registry."""
         if self._scorers is None:
-            import importlib
+            from tessera.evaluation.rewards import build_reward
 
-            from data_pipeline.scoring import SCORERS
-
-            out = []
-            for r in self.cfg.rewards:
-                if r.name not in SCORERS:  # the evaluation package registers its reward models on import
-                    importlib.import_module("evaluation.rewards")
-                out.append((f"reward/{r.name}", SCORERS.get(r.name)(dict(r.options))))
-            self._scorers = out
+            self._scorers = [(f"reward/{r.name}", build_reward(r.name, dict(r.options))) for r in self.cfg.rewards]
         return self._scorers
 
     def clip(self):
         """The CLIP-score model, loaded on first use."""
         if self._clip is None:
-            from evaluation.clip_score import load_clip
+            from tessera.evaluation.clip_score import load_clip
 
             self._clip = load_clip(self.cfg.clip_score.arch, self.cfg.clip_score.checkpoint)
         return self._clip
@@ -366,7 +359,7 @@ class MetricSet:
                 chunk = items[i:i + bs]
                 images, caps = [get_image(it) for it in chunk], [prompts[p] for p, _ in chunk]
                 if want_clip:
-                    from evaluation.clip_score import cosine_similarities
+                    from tessera.evaluation.clip_score import cosine_similarities
 
                     cos = cosine_similarities(images, caps, self.clip(), self.cfg.clip_score.batch_size).tolist()
                     cos_all.extend(cos)
@@ -383,7 +376,7 @@ class MetricSet:
         return metrics, per_image, ref_desc
 
     def _fid_kid(self, source, metrics: dict) -> dict:
-        from evaluation.fid import compute_fid_stats, frechet_distance
+        from tessera.evaluation.fid import compute_fid_stats, frechet_distance
 
         mu_r, sig_r, meta_r, desc = self.reference()
         mu_g, sig_g, meta_g = compute_fid_stats(source, self.inception(), self.cfg.fid.batch_size, None,
@@ -392,7 +385,7 @@ class MetricSet:
             metrics["generated_decode_failures"] = sum(meta_g["failures"].values())
         metrics["fid"] = frechet_distance(mu_g, sig_g, mu_r, sig_r)
         if self.cfg.kid.enabled:
-            from evaluation.kid import kid
+            from tessera.evaluation.kid import kid
 
             k = self.cfg.kid
             size = min(k.subset_size, len(meta_r["features"]), len(meta_g["features"]))

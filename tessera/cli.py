@@ -16,7 +16,18 @@ from tessera.config import ConfigError
 from tessera.registry import RegistryError
 
 # Order is the pipeline's order: data_pipeline -> recaption -> trainer -> evaluation -> cluster.
-_COMMAND_MODULES = ["data_pipeline.cli", "trainer.cli", "evaluation.cli", "tessera.quickstart_cli"]
+_COMMAND_MODULES = ["tessera.data_pipeline.cli", "tessera.trainer.cli", "tessera.evaluation.cli", "tessera.quickstart.cli"]
+
+
+def _train_hooks(cfg):
+    """In-training evaluation lives in ``evaluation``, above the trainer: the CLI builds it for the loop."""
+    from tessera.evaluation.in_training import training_hooks
+
+    return training_hooks(cfg)
+
+
+# Keyword arguments a stage's ``add_commands`` takes from the top of the graph.
+_WIRING = {"tessera.trainer.cli": {"make_hooks": _train_hooks}}
 
 EXIT_USAGE = 2
 
@@ -35,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for modname in _COMMAND_MODULES:
-        importlib.import_module(modname).add_commands(sub)
+        importlib.import_module(modname).add_commands(sub, **_WIRING.get(modname, {}))
     return parser
 
 

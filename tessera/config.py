@@ -16,6 +16,7 @@ import hashlib
 import json
 import types
 import typing
+import importlib.resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -233,9 +234,25 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def shipped_configs() -> Path:
+    """The directory of the configs shipped with the package (``configs/`` in the repository)."""
+    return Path(str(importlib.resources.files("tessera.configs")))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists; else the shipped config of that name, so that
+    ``--config configs/train/tiny_dit.yaml`` also works from a non-editable install outside the repository."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    shipped = shipped_configs().joinpath(*parts)
+    return shipped if parts and shipped.is_file() else path
+
+
 def read_yaml(path: str | Path, cls: type | None = None, _seen: tuple = ()) -> dict:
     """Load a YAML config file with its ``base:`` chain merged; keys are checked per file."""
-    path = Path(path)
+    path = resolve_config_path(path) if not _seen else Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     resolved = path.resolve()

@@ -96,7 +96,7 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
 def test_training_budget_fills_the_wall_clock_budget_once(tmp_path):
     """Without --minutes, training gets what the budget leaves after the stages so far, the launches, a final
     FID as long as step 0's and the report; the choice is recorded, so a rerun trains to the same end."""
-    from tessera.quickstart import LAUNCH_S, REPORT_S, QuickstartEvalConfig, QuickstartOptions, State, train_minutes
+    from tessera.quickstart.run import LAUNCH_S, REPORT_S, QuickstartEvalConfig, QuickstartOptions, State, train_minutes
 
     ev = QuickstartEvalConfig(segments=3)
     state = State(tmp_path / "quickstart.json")

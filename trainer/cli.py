@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tessera.cli_args import add_config_args
 
 
-def add_commands(sub) -> None:
-    """Register the trainer's subcommands."""
+def add_commands(sub, make_hooks=None) -> None:
+    """Register the trainer's subcommands; ``make_hooks(cfg) -> TrainHooks`` adds in-training evaluation."""
     p = sub.add_parser("train", help="train a diffusion model under DeepSpeed ZeRO",
                        description="Train a latent DiT/MMDiT/UNet with frozen text encoders under DeepSpeed ZeRO. "
                                    "Resumes from the newest complete checkpoint by default (train.resume=auto).")
@@ -18,7 +17,7 @@ def add_commands(sub) -> None:
     p.add_argument("--estimate-memory", action="store_true",
                    help="print per-rank model-state memory for the configured model, ZeRO stage and world size")
     p.add_argument("--world-size", type=int, default=None, help="world size for --estimate-memory (default: --nproc)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, make_hooks=make_hooks)
 
     s = sub.add_parser("sample", help="sample an image grid from a checkpoint or an export",
                        description="Generate one image per prompt and tile them into a grid PNG. "
@@ -46,27 +45,27 @@ def add_commands(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """``tessera train``."""
     from tessera.cli_args import load_from_args
-    from trainer.config import TrainJobConfig
+    from tessera.trainer.config import TrainJobConfig
 
     cfg = load_from_args(TrainJobConfig, args)
     if args.estimate_memory:
-        from trainer.memory import report
+        from tessera.trainer.memory import report
 
         print(report(cfg, args.world_size or args.nproc))
         return 0
     if args.nproc > 1:
-        from trainer.launch import spawn_local
+        from tessera.trainer.launch import spawn_local
 
         argv = ["train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
         return spawn_local(argv, args.nproc)
-    from trainer.loop import train
+    from tessera.trainer.loop import train
 
-    return train(cfg)
+    return train(cfg, args.make_hooks(cfg) if args.make_hooks else None)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """``tessera sample``."""
-    from trainer.export import sample_from
+    from tessera.trainer.inference import sample_from
 
     sample_from(args.checkpoint, args.prompt, out=args.out, height=args.height, width=args.width, steps=args.steps,
                 cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, use_ema=not args.raw)
@@ -76,18 +75,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``tessera export``."""
-    from trainer.export import export
+    from tessera.trainer.export import export
 
     print(export(args.checkpoint, args.out))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry for launched ranks: ``python -m trainer.cli train --config ...``."""
-    from tessera.cli import main as tessera_main
-
-    return tessera_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from trainer.autoencoders import build_autoencoder
-from trainer.text_encoders import TextEmbedding, build_text_encoder
+from tessera.trainer.autoencoders import build_autoencoder
+from tessera.trainer.text_encoders import TextEmbedding, build_text_encoder
 
 log = logging.getLogger("tessera.components")
 

@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tessera.tracking import RunConfig, TrackingConfig
-from trainer.autoencoders import AutoencoderConfig
-from trainer.data import LoaderConfig
-from trainer.diffusion.cfg_dropout import CFGDropoutConfig
-from trainer.diffusion.objectives import ObjectiveConfig
-from trainer.diffusion.sampling import SamplerConfig
-from trainer.ds_config import DeepSpeedConfig, OptimConfig
-from trainer.ema import EMAConfig
-from trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_model, config_class
-from trainer.text_encoders import TextEncoderConfig
+from tessera.trainer.autoencoders import AutoencoderConfig
+from tessera.trainer.data import LoaderConfig
+from tessera.trainer.diffusion.cfg_dropout import CFGDropoutConfig
+from tessera.trainer.diffusion.objectives import ObjectiveConfig
+from tessera.trainer.diffusion.sampling import SamplerConfig
+from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig
+from tessera.trainer.ema import EMAConfig
+from tessera.trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_model, config_class
+from tessera.trainer.text_encoders import TextEncoderConfig
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,5 @@
-"""Process launch: one process, ``--nproc N`` local ranks, or ranks started by torchrun / srun /
-deepspeed / Ray Train, all read from their environment."""
+"""Launchers: ``--nproc N`` local ranks and Ray Train workers (each rank then reads its place in the job from
+its environment, ``trainer.distributed.detect_env``)."""
 
 from __future__ import annotations
 
@@ -10,67 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 log = logging.getLogger("tessera.launch")
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    launcher: str = "single"
-
-
-def _slurm_master() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodes:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
-        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else nodes.split(",")[0]
-    except (OSError, subprocess.TimeoutExpired):
-        return nodes.split(",")[0]
-
-
-def detect_env() -> DistEnv:
-    """Rank layout from torch.distributed (Ray Train), torchrun/deepspeed (RANK...), or srun (SLURM_*)."""
-    import torch.distributed as dist
-
-    env = os.environ
-    if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "initialized")
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "env")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        job = int(env.get("SLURM_JOB_ID", "0"))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _slurm_master(), int(env.get("MASTER_PORT", 20000 + job % 20000)),
-                       "slurm")
-    return DistEnv()
-
-
-def init_distributed(denv: DistEnv) -> None:
-    """Start the process group: NCCL on CUDA, gloo on CPU, with DeepSpeed's accelerator chosen by detection."""
-    from tessera.device import configure_deepspeed_accelerator, dist_backend
-
-    configure_deepspeed_accelerator()
-    os.environ.update({"RANK": str(denv.rank), "WORLD_SIZE": str(denv.world_size),
-                       "LOCAL_RANK": str(denv.local_rank), "MASTER_ADDR": denv.master_addr,
-                       "MASTER_PORT": str(denv.master_port)})
-    import deepspeed
-    import torch
-
-    if torch.cuda.is_available():  # before any encoder is built on "the current device"
-        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, verbose=False)
 
 
 def free_port() -> int:
@@ -93,7 +34,7 @@ def spawn_local(argv: list[str], nproc: int) -> int:
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), OMP_NUM_THREADS=threads,
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tessera.cli", *argv], env=env))
 
     def forward(signum, _frame):
         for p in procs:
@@ -130,17 +71,22 @@ def ray_train_loop(config: dict) -> None:
     Ray Train has already started the process group (gloo on CPU, NCCL on GPU); ``detect_env`` reads the
     rank layout from it, and DeepSpeed reuses the group.
     """
+    # Imported here: the process that only spawns ranks (``spawn_local``) stays free of torch and DeepSpeed.
     from tessera.config import from_dict
-    from trainer.config import TrainJobConfig
-    from trainer.loop import train
+    from tessera.trainer.config import TrainJobConfig
+    from tessera.trainer.loop import train
 
-    code = train(from_dict(TrainJobConfig, config, "ray train_loop_config"))
+    make_hooks = config.pop("_make_hooks", None)
+    cfg = from_dict(TrainJobConfig, config, "ray train_loop_config")
+    code = train(cfg, make_hooks(cfg) if make_hooks else None)
     if code != 0:
         raise SystemExit(code)
 
 
-def run_on_ray(cfg, num_workers: int, address: str | None = None):
-    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each); returns Ray's ``Result``."""
+def run_on_ray(cfg, num_workers: int, make_hooks=None):
+    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each); returns Ray's ``Result``.
+
+    ``make_hooks(cfg) -> TrainHooks`` (picklable) builds in-training evaluation on each worker."""
     import torch
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -148,7 +94,7 @@ def run_on_ray(cfg, num_workers: int, address: str | None = None):
     from tessera.config import to_dict
 
     use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(ray_train_loop, train_loop_config=to_dict(cfg),
+    trainer = TorchTrainer(ray_train_loop, train_loop_config={**to_dict(cfg), "_make_hooks": make_hooks},
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
     return trainer.fit()

@@ -17,9 +17,11 @@ import torch
 
 from tessera.device import device_peak_flops, pick_device
 from tessera.tracking import Run, Tracker
-from trainer.config import TrainJobConfig
-from trainer.guard import EXIT_PREEMPTED, PreemptionFlag, any_rank
-from trainer import state as S
+from tessera.trainer.config import TrainJobConfig
+from tessera.trainer.guard import EXIT_PREEMPTED, PreemptionFlag, any_rank
+from tessera.trainer import state as S
+from tessera.trainer.distributed import barrier, detect_env, init_distributed
+from tessera.trainer.grids import TrainHooks, log_sample_grid, run_eval_hook
 
 log = logging.getLogger("tessera.train")
 
@@ -30,21 +32,25 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
 
 
-def train(cfg: TrainJobConfig) -> int:
-    """Train until ``train.total_samples`` (or the time budget); returns the process exit code."""
+def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
+    """Train until ``train.total_samples`` (or the time budget); returns the process exit code.
+
+    ``hooks`` carries what lives above the trainer (in-training evaluation), built by the CLI."""
     import deepspeed
 
-    from trainer.checkpoint import CheckpointManager, full_fp32_params
-    from trainer.components import Frozen, batch_to_inputs
-    from trainer.data import build_loader
-    from trainer.diffusion.cfg_dropout import drop_condition
-    from trainer.diffusion.objectives import build_objective
-    from trainer.ds_config import build_ds_config, wsd_lr
-    from trainer.ema import EMA
-    from trainer.launch import detect_env, init_distributed
-    from trainer.models import model_flops
-    from trainer.sampling import log_sample_grid, run_in_training_eval
+    from tessera.trainer.checkpoint import CheckpointManager, full_fp32_params
+    from tessera.trainer.components import Frozen, batch_to_inputs
+    from tessera.trainer.data import build_loader
+    from tessera.trainer.diffusion.cfg_dropout import drop_condition
+    from tessera.trainer.diffusion.objectives import build_objective
+    from tessera.trainer.ds_config import build_ds_config, wsd_lr
+    from tessera.trainer.ema import EMA
+    from tessera.trainer.models import model_flops
 
+    hooks = hooks or TrainHooks()
+    if cfg.eval.every_samples and hooks.evaluate is None:
+        raise ValueError("eval.every_samples is set but no evaluation hook was given: run through `tessera train` "
+                         "(or pass evaluation.in_training.training_hooks(cfg))")
     lc = cfg.train
     denv = detect_env()
     init_distributed(denv)
@@ -157,7 +163,7 @@ def train(cfg: TrainJobConfig) -> int:
             log_sample_grid(cfg, ema, engine, frozen, tracker, run, st.step, rank)
         if cfg.eval.every_samples and st.samples // cfg.eval.every_samples != \
                 (st.samples - global_batch) // cfg.eval.every_samples:
-            run_in_training_eval(cfg, ema, engine, frozen, tracker, st.step, rank)
+            run_eval_hook(hooks, cfg, ema, engine, frozen, tracker, st.step, rank)
         out_of_time = lc.max_minutes is not None and (time.time() - t_start) / 60 >= lc.max_minutes
         out_of_time = any_rank(out_of_time)[0]
         if stop_now or out_of_time or st.samples // lc.ckpt_every_samples != \
@@ -179,5 +185,5 @@ def train(cfg: TrainJobConfig) -> int:
     bar.close()
     tracker.finish()
     run.close()
-    S.barrier()
+    barrier()
     return exit_code

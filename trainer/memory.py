@@ -56,7 +56,7 @@ def deepspeed_estimate(n: int, largest: int, stage: int, world: int) -> str:
 
 def report(cfg, world: int) -> str:
     """The text printed by ``--estimate-memory``."""
-    from trainer.ds_config import resolve_precision
+    from tessera.trainer.ds_config import resolve_precision
 
     n, largest = count_params(cfg.model)
     ds = cfg.deepspeed

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from tessera import storage
-from trainer import checkpoint as C
+from tessera.trainer import checkpoint as C
+from tessera.trainer.distributed import barrier
 
 log = logging.getLogger("tessera.train")
 
@@ -40,12 +41,6 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=False)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-
-
-def barrier() -> None:
-    """A barrier when running distributed."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def poison_local_grads(engine) -> None:
@@ -241,7 +236,7 @@ def load_checkpoint(url: str, engine, scheduler, ema, loader, st: TrainerState, 
             loader.load_state_dict(loader_states[rank])
         else:
             log.info("world size changed %d -> %d: merging loader states", state["world_size"], world)
-            from trainer.data import merge_rank_states
+            from tessera.trainer.data import merge_rank_states
 
             loader.load_state_dict(merge_rank_states(loader_states))
     rng_url = storage.join(url, "rng", f"rank{rank}.json")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Protocol
 
 import tessera
-from data_pipeline.sample import RawSample
+from tessera.data_pipeline.sample import RawSample
 from tessera.registry import Registry
 
 DEFAULT_USER_AGENT = f"tessera/{tessera.__version__} (+https://github.com/tessera)"
@@ -119,4 +119,4 @@ def require_debian_path(path: str, package: str) -> None:
 
 
 # Import the built-in kinds so that they register themselves (after SOURCES exists).
-from data_pipeline.sources import emoji_src, folder, openclipart, urls, webdataset_src  # noqa: E402,F401
+from tessera.data_pipeline.sources import emoji_src, folder, openclipart, urls, webdataset_src  # noqa: E402,F401

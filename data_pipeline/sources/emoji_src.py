@@ -14,8 +14,8 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.sample import RawSample
-from data_pipeline.sources import SOURCES, Partition, SourceConfig, range_partitions, require_debian_path
+from tessera.data_pipeline.sample import RawSample
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig, range_partitions, require_debian_path
 
 FONT_SIZE = 109  # CBDT bitmap strikes exist only at 109 px; other sizes fail to load
 GLYPH_WIDTH = 136  # advance of one emoji glyph at FONT_SIZE

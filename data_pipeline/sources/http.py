@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import requests
 
-from data_pipeline.sources import SourceConfig
+from tessera.data_pipeline.sources import SourceConfig
 from tessera import storage
 
 T = TypeVar("T")

@@ -19,8 +19,8 @@ import os
 import re
 from typing import Iterator
 
-from data_pipeline.sample import RawSample
-from data_pipeline.sources import SOURCES, Partition, SourceConfig, require_debian_path
+from tessera.data_pipeline.sample import RawSample
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig, require_debian_path
 
 # Author name tokens that end openclipart-png file names (from a frequency count of trailing
 # tokens over the 6,900 files). Only a *trailing* run of them is removed, so "park" in

@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from data_pipeline.sample import RawSample
-from data_pipeline.sources import SOURCES, Partition, SourceConfig
-from data_pipeline.sources.http import Downloader
+from tessera.data_pipeline.sample import RawSample
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig
+from tessera.data_pipeline.sources.http import Downloader
 from tessera import storage
 
 _EXT_FORMAT = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}

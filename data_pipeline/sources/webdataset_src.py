@@ -13,8 +13,8 @@ import posixpath
 import tarfile
 from typing import Iterator
 
-from data_pipeline.sample import RawSample
-from data_pipeline.sources import SOURCES, Partition, SourceConfig
+from tessera.data_pipeline.sample import RawSample
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig
 from tessera import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")

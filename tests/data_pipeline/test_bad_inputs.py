@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_pipeline.process import ProcessConfig, SampleProcessor
-from data_pipeline.sample import Processed, Rejected
-from data_pipeline.sources import SourceConfig, build_source
+from tessera.data_pipeline.process import ProcessConfig, SampleProcessor
+from tessera.data_pipeline.sample import Processed, Rejected
+from tessera.data_pipeline.sources import SourceConfig, build_source
 from tests.data_pipeline.conftest import image_bytes
 
 # kind -> (expected status, expected reject reason or None). Checks on written samples are below.
@@ -192,7 +192,7 @@ def test_bad_input_corpus(http_server, tmp_path: Path) -> None:
 
 def test_bomb_limit_is_configurable() -> None:
     header_only = raw_png(1200, 1000, 8, 2, b"")  # 1.2 MP claimed, no pixel data
-    from data_pipeline.sample import RawSample
+    from tessera.data_pipeline.sample import RawSample
 
     proc = SampleProcessor(ProcessConfig(max_pixels=1_000_000))
     out = proc.process(RawSample("t", "t:0", header_only, "c", {}))

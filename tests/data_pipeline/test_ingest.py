@@ -19,9 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from data_pipeline.executors import LocalExecutor
-from data_pipeline.ingest import IngestConfig, run_ingest
-from data_pipeline.shards import read_rejects
+from tessera.data_pipeline.executors import LocalExecutor
+from tessera.data_pipeline.ingest import IngestConfig, run_ingest
+from tessera.data_pipeline.shards import read_rejects
 from tessera.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ N_REAL, PER_SHARD = 40, 16
 
 def _pick_distinct_clipart(n: int) -> list[Path]:
     """n small real clip-art PNGs whose pHashes are far apart (so only planted duplicates collide)."""
-    from data_pipeline.phash import hamming, phash
+    from tessera.data_pipeline.phash import hamming, phash
 
     files = sorted(p for p in Path(CLIPART).rglob("*.png") if 6000 < p.stat().st_size < 30000)
     chosen, hashes = [], []
@@ -222,8 +222,8 @@ def test_changed_config_is_refused_on_resume(folder, reference):
 
 _KILLABLE = textwrap.dedent("""
     import sys, time
-    import data_pipeline.ingest as ing
-    from data_pipeline.cli import main
+    import tessera.data_pipeline.ingest as ing
+    from tessera.data_pipeline.cli import main
     phase, mark = sys.argv[2], ing._mark_attempt
     def slow_mark(out, n, ph):
         mark(out, n, ph)
@@ -268,7 +268,7 @@ def _plain(cfg: IngestConfig) -> dict:
 
 
 def test_cli_dry_run_and_shipped_configs(capsys):
-    from data_pipeline.cli import main
+    from tessera.data_pipeline.cli import main
     from tessera.config import load_config
 
     for name in ("emoji", "openclipart", "quickstart", "urls_example"):
@@ -309,7 +309,7 @@ def _brute_force(cands, d):
 def test_band_index_matches_brute_force_and_ignores_order(d):
     import random
 
-    from data_pipeline.dedup import Candidate, DedupConfig, decide
+    from tessera.data_pipeline.dedup import Candidate, DedupConfig, decide
 
     rng = random.Random(d)
     centers = [rng.getrandbits(64) for _ in range(40)]
@@ -327,7 +327,7 @@ def test_band_index_matches_brute_force_and_ignores_order(d):
 
 
 def test_exact_duplicates_and_key_collisions():
-    from data_pipeline.dedup import Candidate, DedupConfig, decide
+    from tessera.data_pipeline.dedup import Candidate, DedupConfig, decide
 
     c = [Candidate(partition=1, position=0, key="a", sha256="x", phash=0),
          Candidate(partition=0, position=5, key="b", sha256="x", phash=2**64 - 1),

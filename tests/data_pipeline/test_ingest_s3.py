@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.cli import main
-from data_pipeline.executors import LocalExecutor
-from data_pipeline.ingest import IngestConfig, run_ingest
-from data_pipeline.shards import read_rejects
+from tessera.data_pipeline.cli import main
+from tessera.data_pipeline.executors import LocalExecutor
+from tessera.data_pipeline.ingest import IngestConfig, run_ingest
+from tessera.data_pipeline.shards import read_rejects
 from tessera import storage
 from tessera.config import from_dict
 

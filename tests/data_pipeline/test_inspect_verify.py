@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.cli import main
-from data_pipeline.ingest import IngestConfig, run_ingest
+from tessera.data_pipeline.cli import main
+from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 from tessera.config import from_dict
 
 

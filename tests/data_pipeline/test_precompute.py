@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_st
 
-import data_pipeline.precompute as pc
-from data_pipeline.ingest import IngestConfig, run_ingest
-from data_pipeline.inspect_verify import verify_dataset
-from data_pipeline.precompute import PrecomputeConfig, PrecomputeError, load_encoders, run_precompute
+import tessera.data_pipeline.precompute as pc
+from tessera.data_pipeline.ingest import IngestConfig, run_ingest
+from tessera.data_pipeline.inspect_verify import verify_dataset
+from tessera.data_pipeline.precompute import PrecomputeConfig, PrecomputeError, load_encoders, run_precompute
 from tessera import storage
 from tessera.config import ConfigError, from_dict
 
@@ -169,7 +169,7 @@ def test_failed_shard_then_rerun_recomputes_only_it(source_ds, minilm_out, tmp_p
 
 _KILLED_RUN = """
 import pathlib, sys, time
-import data_pipeline.precompute as pc
+import tessera.data_pipeline.precompute as pc
 from tests.data_pipeline.test_precompute import make_cfg
 
 source, out, ready = sys.argv[1:]
@@ -254,7 +254,7 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
 
 
 def test_loader_reads_precomputed_transparently(minilm_out):
-    from trainer.data import LoaderConfig, build_loader
+    from tessera.trainer.data import LoaderConfig, build_loader
 
     out, m = minilm_out
     tid = m["precompute"]["text_encoder"]
@@ -304,7 +304,7 @@ def _tiny_bert(path: Path) -> None:
     """A 1-layer, 2-head x 16-dim BERT with MiniLM's tokenizer, saved as a real checkpoint dir."""
     import transformers
 
-    from trainer.text_encoders import minilm_path
+    from tessera.trainer.text_encoders import minilm_path
 
     tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
     tok.save_pretrained(str(path))

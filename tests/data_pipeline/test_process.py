@@ -8,11 +8,12 @@ import math
 import pytest
 from PIL import Image
 
-from data_pipeline.buckets import BucketConfig, assign_bucket, bucket_table
-from data_pipeline.phash import hamming, phash
-from data_pipeline.process import ProcessConfig, SampleProcessor
-from data_pipeline.sample import Processed, RawSample, Rejected, sample_key
-from data_pipeline.scoring import SCORERS, ScoreFilterConfig
+from tessera.data_pipeline.buckets import BucketConfig, assign_bucket, bucket_table
+from tessera.data_pipeline.phash import hamming, phash
+from tessera.data_pipeline.process import ProcessConfig, SampleProcessor
+from tessera.data_pipeline.sample import Processed, RawSample, Rejected, sample_key
+from tessera.data_pipeline.scoring import ScoreFilterConfig
+from tessera.evaluation.rewards import REWARDS
 from tests.data_pipeline.conftest import image_bytes
 
 
@@ -94,7 +95,7 @@ def test_draft_mode_used_for_large_jpeg() -> None:
     out = SampleProcessor(ProcessConfig()).process(raw(data))
     assert isinstance(out, Processed) and out.meta["orig_size"] == [2400, 1600]
     # The decode stage drafts to the largest 1/2^k scale that still covers the bucket's cover size.
-    from data_pipeline import imageops
+    from tessera.data_pipeline import imageops
 
     img = imageops.decode(imageops.open_header(data, 10**8), imageops.cover_size(2400, 1600, (224, 320)))
     assert img.size == (600, 400)
@@ -103,7 +104,7 @@ def test_draft_mode_used_for_large_jpeg() -> None:
 @pytest.mark.parametrize("size", [(378, 208), (400, 223), (411, 234), (1000, 999), (97, 389)])
 def test_resize_crop_exact_bucket_sizes(size: tuple[int, int]) -> None:
     # (378, 208) etc. are real openclipart sizes whose crop box once came out at x = -3e-14.
-    from data_pipeline import imageops
+    from tessera.data_pipeline import imageops
 
     table = bucket_table(BucketConfig())
     bucket = assign_bucket(*size, table)
@@ -129,7 +130,7 @@ def test_phash_near_duplicate_stability() -> None:
 
 
 def test_score_filter_colorfulness() -> None:
-    assert "colorfulness" in SCORERS
+    assert "colorfulness" in REWARDS
     grey = image_bytes(mode="L", fmt="PNG")
     colour = image_bytes(seed=5)
     cfg = ProcessConfig(score_filters=[ScoreFilterConfig(name="colorfulness", min=10.0)])
@@ -145,7 +146,7 @@ def test_failing_scorer_is_counted_not_raised() -> None:
         def score(self, images, captions):
             raise RuntimeError("boom")
 
-    from data_pipeline.scoring import ScoreFilter
+    from tessera.data_pipeline.scoring import ScoreFilter
 
     proc = SampleProcessor(ProcessConfig(), scorers=[ScoreFilter(ScoreFilterConfig(name="broken"), Broken())])
     out = proc.process(raw(image_bytes()))

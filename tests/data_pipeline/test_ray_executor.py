@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.executors import RayConfig, RayExecutor
-from data_pipeline.ingest import run_ingest
-from data_pipeline.inspect_verify import verify_dataset
+from tessera.data_pipeline.executors import RayConfig, RayExecutor
+from tessera.data_pipeline.ingest import run_ingest
+from tessera.data_pipeline.inspect_verify import verify_dataset
 from tests.data_pipeline.test_ingest import check_dataset, make_config, make_folder, outputs, tar_samples
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # Ray start-up alone is 5-20 s on 2 shared cores
@@ -44,7 +44,7 @@ def _die_once(fn, marker: str):
     """Wrap a task so that the first attempt to reach its attempt marker kills its worker (os._exit)."""
 
     def wrapped(task):
-        import data_pipeline.ingest as ing
+        import tessera.data_pipeline.ingest as ing
 
         if not getattr(ing._mark_attempt, "_die_once", False):
             mark = ing._mark_attempt
@@ -102,6 +102,7 @@ def test_embedded_ray_binds_dashboard_to_loopback(monkeypatch):
     RayExecutor(RayConfig(num_cpus=3, object_store_memory_mb=100), max_retries=1)
     RayExecutor(RayConfig(address="ray://head:10001"), max_retries=1)
     assert calls == [
-        {"num_cpus": 3, "include_dashboard": False, "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20},
-        {"address": "ray://head:10001"},
+        {"num_cpus": 3, "include_dashboard": False, "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20,
+         "_node_ip_address": "127.0.0.1", "log_to_driver": False},
+        {"address": "ray://head:10001", "log_to_driver": False},
     ]

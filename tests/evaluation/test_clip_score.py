@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from evaluation.clip_score import clip_score, clip_scores, cosine_similarities, load_clip
+from tessera.evaluation.clip_score import clip_score, clip_scores, cosine_similarities, load_clip
 
 PROMPTS = ["a smiling face", "a red apple", "a blue car", "a cat", "an owl at night", "a pizza"]
 

@@ -10,10 +10,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from evaluation.fid import compute_fid_stats, frechet_distance
-from evaluation.images import FolderSource, as_source, shard_source
-from evaluation.kid import kid
-from evaluation.stats_cache import StatsCache
+from tessera.evaluation.fid import compute_fid_stats, frechet_distance
+from tessera.evaluation.images import FolderSource, as_source, shard_source
+from tessera.evaluation.kid import kid
+from tessera.evaluation.stats_cache import StatsCache
 
 
 def write_dataset(root, images) -> None:

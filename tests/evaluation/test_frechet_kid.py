@@ -9,8 +9,8 @@ import pytest
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from evaluation.fid import _MomentAccumulator, frechet_distance, stats_from_features
-from evaluation.kid import kid, mmd2_unbiased
+from tessera.evaluation.fid import _MomentAccumulator, frechet_distance, stats_from_features
+from tessera.evaluation.kid import kid, mmd2_unbiased
 
 
 def realistic_stats(rng, n: int, d: int, shift: float) -> tuple[np.ndarray, np.ndarray]:

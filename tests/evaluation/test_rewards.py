@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from evaluation.rewards import (REWARDS, AestheticHead, AestheticReward, PreferenceReward, build_reward,
-                                register_score_filters)
+from tessera.evaluation.rewards import (REWARDS, AestheticHead, AestheticReward, PreferenceReward, build_reward,
+                                REWARDS)
 
 PROMPTS = ["a red apple", "a cat", "a blue car", "an owl", "a pizza"]
 
@@ -99,10 +99,9 @@ def test_differentiable_scores_resize_larger_images(tiny_clip, head_files):
 
 
 def test_score_filters_via_ingest_registry(tiny_clip, head_files):
-    from data_pipeline.scoring import SCORERS, ScoreFilterConfig, build_score_filters
+    from tessera.data_pipeline.scoring import ScoreFilterConfig, build_score_filters
 
-    register_score_filters()  # idempotent: module import already registered them
-    assert {"aesthetic", "preference", "clip_score"} <= set(SCORERS.names())
+    assert {"aesthetic", "preference", "clip_score"} <= set(REWARDS.names())
     arch, ckpt = tiny_clip
     _, root = head_files
     cfgs = [ScoreFilterConfig(name="clip_score", min=0.0, options={"arch": arch, "checkpoint": str(ckpt), "device": "cpu"}),

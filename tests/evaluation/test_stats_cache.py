@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.fid import PREPROCESS, compute_fid_stats
-from evaluation.inception import FIDInception
-from evaluation.stats_cache import StatsCache, cache_key
+from tessera.evaluation.fid import PREPROCESS, compute_fid_stats
+from tessera.evaluation.inception import FIDInception
+from tessera.evaluation.stats_cache import StatsCache, cache_key
 
 
 def fake_net(sha: str, seed: int = 0) -> FIDInception:

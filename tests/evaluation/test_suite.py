@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import generate as G
-from evaluation.suite import CheckpointInfo, EvalSuiteConfig, load_suite
+from tessera.evaluation import generate as G
+from tessera.evaluation.suite import CheckpointInfo, EvalSuiteConfig, load_suite
 from tessera.config import ConfigError, config_hash, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_quick_suite_loads_with_overrides_and_rejects_unknown_keys(tmp_path):
 
 
 def test_cli_dry_run_prints_resolved_config(capsys):
-    from evaluation.cli import main
+    from tessera.evaluation.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["eval", "--config", str(QUICK), "--dry-run", "sampling.steps=7", "--checkpoint", "x"])
@@ -169,7 +169,7 @@ def suite_config(tmp_path: Path, reference: Path, stats: Path, **over) -> EvalSu
 
 def fake_checkpoints(monkeypatch, tmp_path: Path, steps: list[int]) -> list[str]:
     """Checkpoint dirs with weight files, resolved by a patched ``checkpoint_info``; a fake generator."""
-    import evaluation.suite as S
+    import tessera.evaluation.suite as S
 
     infos = {}
     for st in steps:
@@ -231,7 +231,7 @@ class _HTMLCheck(html.parser.HTMLParser):
 @pytest.mark.slow
 def test_suite_on_fake_model_writes_metrics_report_and_wandb(tmp_path, monkeypatch, reference_folder, stats_dir,
                                                              tiny_clip):
-    from evaluation.suite import run_suite
+    from tessera.evaluation.suite import run_suite
 
     arch, ckpt = tiny_clip
     # FID/KID are covered end to end below; here the real Inception would only cost CPU time.
@@ -258,8 +258,8 @@ def test_suite_on_fake_model_writes_metrics_report_and_wandb(tmp_path, monkeypat
 
 
 def test_report_renders_single_checkpoint_without_plots(tmp_path, monkeypatch, reference_folder, stats_dir):
-    from evaluation.report import render_report, svg_line_plot
-    from evaluation.suite import run_suite
+    from tessera.evaluation.report import render_report, svg_line_plot
+    from tessera.evaluation.suite import run_suite
 
     cfg = suite_config(tmp_path, reference_folder, stats_dir, **{"fid.enabled": "false", "kid.enabled": "false",
                                                       "tracking.mode": "disabled"})
@@ -284,8 +284,8 @@ def make_tiny_run(root: Path, steps: tuple[int, ...] = (100, 200)) -> Path:
     import torch
 
     from tessera.config import dump_yaml, load_config
-    from trainer.checkpoint import CheckpointManager
-    from trainer.config import TrainJobConfig
+    from tessera.trainer.checkpoint import CheckpointManager
+    from tessera.trainer.config import TrainJobConfig
 
     cfg = load_config(TrainJobConfig, REPO / "configs" / "train" / "tiny_dit.yaml", [
         f"run.root={root.parent}", f"run.id={root.name}", "model.dit.hidden_size=32", "model.dit.depth=1",
@@ -325,7 +325,7 @@ def test_real_model_images_do_not_depend_on_batching(tiny_run):
 
 @pytest.mark.slow
 def test_end_to_end_eval_of_tiny_checkpoints(tmp_path, tiny_run, reference_folder, stats_dir):
-    from evaluation.cli import main
+    from tessera.evaluation.cli import main
 
     ov = [f"output={tmp_path / 'out'}", f"fid.reference={reference_folder}", f"fid.stats_cache={stats_dir}",
           "prompts.limit=1", "sampling.images_per_prompt=2", "sampling.steps=4", "kid.subsets=10",
@@ -349,9 +349,9 @@ def test_end_to_end_eval_of_tiny_checkpoints(tmp_path, tiny_run, reference_folde
 def test_in_training_evaluation_logs_metrics(tmp_path, tiny_run, reference_folder, stats_dir):
     import torch
 
-    from evaluation.in_training import evaluate_weights
+    from tessera.evaluation.in_training import evaluate_weights
     from tessera.tracking import Run, RunConfig, Tracker, TrackingConfig
-    from trainer.export import load_for_sampling
+    from tessera.trainer.inference import load_for_sampling
 
     model, te, ae, obj, smp, size = load_for_sampling(str(tiny_run), device=torch.device("cpu"))
     run = Run(RunConfig(root=str(tmp_path), id="train"))

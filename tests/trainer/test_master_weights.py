@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from tests.trainer.helpers import env
-from trainer.launch import free_port
+from tessera.trainer.launch import free_port
 
 WORKER = r"""
 import os, sys, torch, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
-from trainer.checkpoint import _module_holds_master, full_fp32_params
-from trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config
+from tessera.trainer.checkpoint import _module_holds_master, full_fp32_params
+from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config
 
 stage = int(sys.argv[1])
 deepspeed.init_distributed(dist_backend="gloo")

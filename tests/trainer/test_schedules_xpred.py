@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.quickstart import decay_plan
-from trainer.diffusion.objectives import FlowObjective, FlowObjectiveConfig, ObjectiveConfig, flow_velocity
-from trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
-from trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config, wsd_lr
+from tessera.quickstart.run import decay_plan
+from tessera.trainer.diffusion.objectives import FlowObjective, FlowObjectiveConfig, ObjectiveConfig, flow_velocity
+from tessera.trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
+from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config, wsd_lr
 
 
 def test_wsd_warms_up_holds_then_decays_linearly():

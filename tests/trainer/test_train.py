@@ -188,7 +188,7 @@ def test_sigterm_checkpoints_and_exits_with_the_preemption_code(work):
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
-    from trainer.checkpoint import CheckpointManager
+    from tessera.trainer.checkpoint import CheckpointManager
 
     root = tmp_path / "ck"
     mgr = CheckpointManager(str(root), keep_last=2)
@@ -221,7 +221,7 @@ def test_estimate_memory_prints_zero_formulas(work):
 
 def test_launch_environment_detection(monkeypatch):
     """torchrun/deepspeed (RANK...) and srun (SLURM_*) layouts are read from the environment."""
-    from trainer.launch import detect_env
+    from tessera.trainer.distributed import detect_env
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)

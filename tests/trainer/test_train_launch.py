@@ -46,10 +46,10 @@ def test_torchrun_launch_matches_nproc_spawn(work):
     """Ranks started by torchrun (RANK/WORLD_SIZE/MASTER_ADDR in the env) train exactly like --nproc 2."""
     tmp, enc, ds = work
     ovs = H.overrides(tmp, "trun", ds, enc, **{"train.total_samples": 32})
-    from trainer.launch import free_port
+    from tessera.trainer.launch import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer.cli", "train",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "tessera.cli", "train",
            "--config", str(H.TINY_CONFIG), *ovs]
     out = subprocess.run(cmd, env=H.env(), cwd=H.ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -68,8 +68,8 @@ def test_ray_train_entrypoint(work):
     script = f"""
 import ray
 from tessera.config import load_config
-from trainer.config import TrainJobConfig
-from trainer.launch import run_on_ray
+from tessera.trainer.config import TrainJobConfig
+from tessera.trainer.launch import run_on_ray
 from tests.trainer import helpers as H
 from pathlib import Path
 cfg = load_config(TrainJobConfig, H.TINY_CONFIG, H.overrides(Path({str(tmp)!r}), "ray", {ds!r}, {enc!r},

@@ -8,9 +8,9 @@
 diffusers is imported only when a kl/dc autoencoder is built.
 """
 
-from trainer.autoencoders import dc, identity, kl  # noqa: F401  (registration)
-from trainer.autoencoders.base import AUTOENCODERS, Autoencoder, build_autoencoder
-from trainer.autoencoders.configs import KL_PRESETS, AutoencoderConfig, DCConfig, IdentityConfig, KLConfig
+from tessera.trainer.autoencoders import dc, identity, kl  # noqa: F401  (registration)
+from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, build_autoencoder
+from tessera.trainer.autoencoders.configs import KL_PRESETS, AutoencoderConfig, DCConfig, IdentityConfig, KLConfig
 
 __all__ = [
     "AUTOENCODERS",

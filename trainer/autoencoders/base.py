@@ -14,8 +14,8 @@ import torch
 
 from tessera.config import from_dict
 from tessera.registry import Registry
-from trainer.autoencoders.configs import AutoencoderConfig
-from trainer.text_encoders.runtime import stable_id, weights_fingerprint
+from tessera.trainer.autoencoders.configs import AutoencoderConfig
+from tessera.trainer.text_encoders.runtime import stable_id, weights_fingerprint
 
 AUTOENCODERS: Registry[type[Autoencoder]] = Registry("autoencoder")
 

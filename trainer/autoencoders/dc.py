@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.autoencoders.base import AUTOENCODERS, Autoencoder, diffusers_id
-from trainer.autoencoders.configs import DCConfig
-from trainer.text_encoders.runtime import freeze, resolve_device, resolve_dtype, resolve_path
+from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, diffusers_id
+from tessera.trainer.autoencoders.configs import DCConfig
+from tessera.trainer.text_encoders.runtime import freeze, resolve_device, resolve_dtype, resolve_path
 
 
 @AUTOENCODERS.register("dc")

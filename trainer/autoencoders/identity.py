@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.autoencoders.base import AUTOENCODERS, Autoencoder
-from trainer.autoencoders.configs import IdentityConfig
-from trainer.text_encoders.runtime import resolve_device
+from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder
+from tessera.trainer.autoencoders.configs import IdentityConfig
+from tessera.trainer.text_encoders.runtime import resolve_device
 
 
 @AUTOENCODERS.register("identity")

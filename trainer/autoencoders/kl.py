@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.autoencoders.base import AUTOENCODERS, Autoencoder, diffusers_id
-from trainer.autoencoders.configs import KL_PRESETS, KLConfig
-from trainer.text_encoders.runtime import freeze, resolve_device, resolve_dtype, resolve_path
+from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, diffusers_id
+from tessera.trainer.autoencoders.configs import KL_PRESETS, KLConfig
+from tessera.trainer.text_encoders.runtime import freeze, resolve_device, resolve_dtype, resolve_path
 
 
 def resolve_scale_shift(cfg: KLConfig, vae_config: object) -> tuple[float, float]:

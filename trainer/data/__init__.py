@@ -1,6 +1,6 @@
 """Training data: bucketed batches from `tessera data ingest` shards, with exact and elastic resume."""
 
-from trainer.data.config import LoaderConfig
-from trainer.data.loader import TrainLoader, build_loader, merge_rank_states
+from tessera.trainer.data.config import LoaderConfig
+from tessera.trainer.data.loader import TrainLoader, build_loader, merge_rank_states
 
 __all__ = ["LoaderConfig", "TrainLoader", "build_loader", "merge_rank_states"]

@@ -53,10 +53,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.config import LoaderConfig
-from trainer.data.plan import EpochPlan, Planner, consumed_by, rank_stream
-from trainer.data.samples import BatchStats, SampleSpec, SkipSample, collate, load_sample
-from trainer.data.shards import Catalog, ShardReader
+from tessera.trainer.data.config import LoaderConfig
+from tessera.trainer.data.plan import EpochPlan, Planner, consumed_by, rank_stream
+from tessera.trainer.data.samples import BatchStats, SampleSpec, SkipSample, collate, load_sample
+from tessera.trainer.data.shards import Catalog, ShardReader
 
 STATE_FORMAT = "tessera-loader/1"
 COUNTERS = ("batches", "samples", "empty_batches", "variant_fallbacks", "partial_bucket_samples_carried",

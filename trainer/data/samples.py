@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from trainer.data.plan import unit_hash
-from trainer.data.shards import IMAGE_EXTS, ShardIndex, ShardReader
+from tessera.trainer.data.plan import unit_hash
+from tessera.trainer.data.shards import IMAGE_EXTS, ShardIndex, ShardReader
 
 PRIMARY = "txt"  # variant id of the KEY.txt primary caption, used when no configured variant exists
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tessera import storage
-from trainer.data.plan import seed_int, shuffle_buffer
+from tessera.trainer.data.plan import seed_int, shuffle_buffer
 
 FORMAT = "tessera-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -32,9 +32,9 @@ from typing import Any, Callable, Literal
 import torch
 
 from tessera.registry import Registry
-from trainer.diffusion import schedules
-from trainer.diffusion.schedules import BetaScheduleConfig
-from trainer.diffusion.weighting import min_snr_weight
+from tessera.trainer.diffusion import schedules
+from tessera.trainer.diffusion.schedules import BetaScheduleConfig
+from tessera.trainer.diffusion.weighting import min_snr_weight
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 OBJECTIVES: Registry[type] = Registry("objective")

@@ -13,9 +13,9 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from trainer.diffusion.guidance import cat_cond, guided_output
-from trainer.diffusion.objectives import ObjectiveConfig
-from trainer.diffusion.samplers import SAMPLERS, Sampler
+from tessera.trainer.diffusion.guidance import cat_cond, guided_output
+from tessera.trainer.diffusion.objectives import ObjectiveConfig
+from tessera.trainer.diffusion.samplers import SAMPLERS, Sampler
 
 
 @dataclass(kw_only=True)

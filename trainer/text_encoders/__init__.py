@@ -8,15 +8,15 @@
 Heavy libraries (transformers, open_clip) are imported only when an encoder is built.
 """
 
-from trainer.text_encoders import clip, concat, hf_encoder, llm, t5  # noqa: F401  (registration)
-from trainer.text_encoders.base import (
+from tessera.trainer.text_encoders import clip, concat, hf_encoder, llm, t5  # noqa: F401  (registration)
+from tessera.trainer.text_encoders.base import (
     TEXT_ENCODERS,
     TextEmbedding,
     TextEncoder,
     build_text_encoder,
     ensure_one_valid,
 )
-from trainer.text_encoders.configs import (
+from tessera.trainer.text_encoders.configs import (
     SANA_INSTRUCTION,
     ClipEncoderConfig,
     ConcatEncoderConfig,
@@ -26,7 +26,7 @@ from trainer.text_encoders.configs import (
     T5EncoderConfig,
     TextEncoderConfig,
 )
-from trainer.text_encoders.runtime import minilm_path, resolve_device, resolve_dtype
+from tessera.trainer.text_encoders.runtime import minilm_path, resolve_device, resolve_dtype
 
 __all__ = [
     "TEXT_ENCODERS",

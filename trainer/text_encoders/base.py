@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from tessera.config import from_dict, to_dict
 from tessera.registry import Registry
-from trainer.text_encoders.configs import EncoderConfig, TextEncoderConfig
-from trainer.text_encoders.runtime import (
+from tessera.trainer.text_encoders.configs import EncoderConfig, TextEncoderConfig
+from tessera.trainer.text_encoders.runtime import (
     resolve_device,
     resolve_dtype,
     resolve_path,

@@ -16,9 +16,9 @@ import inspect
 import torch
 from torch import nn
 
-from trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
-from trainer.text_encoders.configs import ClipEncoderConfig
-from trainer.text_encoders.runtime import freeze, resolve_path
+from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
+from tessera.trainer.text_encoders.configs import ClipEncoderConfig
+from tessera.trainer.text_encoders.runtime import freeze, resolve_path
 
 
 def _pool_index(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:

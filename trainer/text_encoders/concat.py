@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, build_text_encoder
-from trainer.text_encoders.configs import ConcatEncoderConfig
-from trainer.text_encoders.runtime import stable_id
+from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, build_text_encoder
+from tessera.trainer.text_encoders.configs import ConcatEncoderConfig
+from tessera.trainer.text_encoders.runtime import stable_id
 
 
 def _pad(emb: TextEmbedding, length: int, width: int) -> TextEmbedding:

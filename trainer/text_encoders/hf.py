@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from trainer.text_encoders.configs import EncoderConfig
-from trainer.text_encoders.runtime import freeze, hf_dtype_kwargs, resolve_path
+from tessera.trainer.text_encoders.configs import EncoderConfig
+from tessera.trainer.text_encoders.runtime import freeze, hf_dtype_kwargs, resolve_path
 
 
 def load_tokenizer(cfg: EncoderConfig) -> Any:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
-from trainer.text_encoders.configs import HFEncoderConfig
-from trainer.text_encoders.hf import load_model, load_tokenizer, tokenize
+from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
+from tessera.trainer.text_encoders.configs import HFEncoderConfig
+from tessera.trainer.text_encoders.hf import load_model, load_tokenizer, tokenize
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

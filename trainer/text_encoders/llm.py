@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
-from trainer.text_encoders.configs import LLMEncoderConfig
-from trainer.text_encoders.hf import load_model, load_tokenizer
+from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
+from tessera.trainer.text_encoders.configs import LLMEncoderConfig
+from tessera.trainer.text_encoders.hf import load_model, load_tokenizer
 
 
 @TEXT_ENCODERS.register("llm")

@@ -5,9 +5,9 @@ T5 overflows in fp16 (its FF activations exceed 65504); ``dtype: auto`` therefor
 
 from __future__ import annotations
 
-from trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
-from trainer.text_encoders.configs import T5EncoderConfig
-from trainer.text_encoders.hf import load_model, load_tokenizer, tokenize
+from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, runtime_of
+from tessera.trainer.text_encoders.configs import T5EncoderConfig
+from tessera.trainer.text_encoders.hf import load_model, load_tokenizer, tokenize
 
 
 @TEXT_ENCODERS.register("t5")

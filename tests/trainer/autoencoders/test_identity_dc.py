@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderDC
 
 from tests.trainer.autoencoders.conftest import images
-from trainer.autoencoders import build_autoencoder
+from tessera.trainer.autoencoders import build_autoencoder
 
 
 def test_identity_round_trip_exact():

@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL
 
 from tessera.config import ConfigError, from_dict
 from tests.trainer.autoencoders.conftest import images
-from trainer.autoencoders import AUTOENCODERS, KL_PRESETS, AutoencoderConfig, build_autoencoder
+from tessera.trainer.autoencoders import AUTOENCODERS, KL_PRESETS, AutoencoderConfig, build_autoencoder
 
 
 def test_registry():

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.trainer.data.dataset_factory import DatasetInfo, corrupt_shard, write_dataset
-from trainer.data import LoaderConfig, build_loader
-from trainer.data.samples import choose_variant
+from tessera.trainer.data import LoaderConfig, build_loader
+from tessera.trainer.data.samples import choose_variant
 
 
 def _cfg(path: str, **kw) -> LoaderConfig:

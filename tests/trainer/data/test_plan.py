@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.data.loader import merge_rank_states
-from trainer.data.plan import Planner, build_epoch, consumed_by, rank_stream, shuffle_buffer
+from tessera.trainer.data.loader import merge_rank_states
+from tessera.trainer.data.plan import Planner, build_epoch, consumed_by, rank_stream, shuffle_buffer
 
 COUNTS = np.array([[10, 3, 1], [7, 5, 0], [12, 0, 2], [9, 4, 1]])  # (shards, buckets); bucket 2 is rare
 

@@ -13,7 +13,7 @@ from itertools import islice
 import pytest
 
 from tests.trainer.data.dataset_factory import DatasetInfo
-from trainer.data import LoaderConfig, TrainLoader, build_loader, merge_rank_states
+from tessera.trainer.data import LoaderConfig, TrainLoader, build_loader, merge_rank_states
 
 EPOCHS = 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.trainer.data.dataset_factory import corrupt_shard, write_dataset
-from trainer.data import LoaderConfig, build_loader, merge_rank_states
+from tessera.trainer.data import LoaderConfig, build_loader, merge_rank_states
 
 pytestmark = pytest.mark.s3
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from trainer.diffusion.cfg_dropout import CFGDropoutConfig, drop_condition, drop_tensors
+from tessera.trainer.diffusion.cfg_dropout import CFGDropoutConfig, drop_condition, drop_tensors
 
 
 def _batch(b=8, length=6, d=4, seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tessera.config import from_dict
-from trainer.diffusion import schedules
-from trainer.diffusion.objectives import (
+from tessera.trainer.diffusion import schedules
+from tessera.trainer.diffusion.objectives import (
     OBJECTIVES,
     DDPMObjective,
     DDPMObjectiveConfig,
@@ -20,8 +20,8 @@ from trainer.diffusion.objectives import (
     ObjectiveConfig,
     build_objective,
 )
-from trainer.diffusion.schedules import BetaScheduleConfig
-from trainer.diffusion.weighting import edm_weight, min_snr_weight
+from tessera.trainer.diffusion.schedules import BetaScheduleConfig
+from tessera.trainer.diffusion.weighting import edm_weight, min_snr_weight
 
 
 def _x0(shape=(4, 4, 8, 8), seed=0, dtype=torch.float64):

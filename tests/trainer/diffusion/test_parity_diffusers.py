@@ -24,15 +24,15 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig
-from trainer.diffusion.samplers import (
+from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig
+from tessera.trainer.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverSampler,
     EulerDiscreteSampler,
     FlowEulerSampler,
 )
-from trainer.diffusion.schedules import BetaScheduleConfig, alphas_cumprod, ddpm_sigmas, make_betas
+from tessera.trainer.diffusion.schedules import BetaScheduleConfig, alphas_cumprod, ddpm_sigmas, make_betas
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -220,8 +220,8 @@ def test_ddpm_sigmas_match_euler_table():
 def test_edm_karras_sigmas_and_preconditioning():
     from diffusers import EDMEulerScheduler
 
-    from trainer.diffusion.objectives import EDMObjective, EDMObjectiveConfig
-    from trainer.diffusion.samplers import EDMHeunSampler
+    from tessera.trainer.diffusion.objectives import EDMObjective, EDMObjectiveConfig
+    from tessera.trainer.diffusion.samplers import EDMHeunSampler
 
     ref = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
     ref.set_timesteps(18)

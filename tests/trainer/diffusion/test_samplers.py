@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.diffusion.guidance import cat_cond, guided_output
-from trainer.diffusion.objectives import (
+from tessera.trainer.diffusion.guidance import cat_cond, guided_output
+from tessera.trainer.diffusion.objectives import (
     DDPMObjectiveConfig,
     EDMObjective,
     EDMObjectiveConfig,
     FlowObjectiveConfig,
     ObjectiveConfig,
 )
-from trainer.diffusion.samplers import SAMPLERS, DDIMSampler, DDPMSampler, EDMHeunSampler, EulerDiscreteSampler
-from trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
-from trainer.diffusion.schedules import BetaScheduleConfig, alphas_cumprod
+from tessera.trainer.diffusion.samplers import SAMPLERS, DDIMSampler, DDPMSampler, EDMHeunSampler, EulerDiscreteSampler
+from tessera.trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
+from tessera.trainer.diffusion.schedules import BetaScheduleConfig, alphas_cumprod
 
 # (sampler config, objective config, steps) covering every sampler and every prediction type. Steps are
 # what it takes to get the std of Gaussian data within 0.02: first-order samplers (DDPM, DDIM, Euler)

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from trainer.models import build_model
+from tessera.trainer.models import build_model
 
 FAMILIES = ["dit", "mmdit", "unet"]
 TEXT_DIM, TEXT_LEN, CHANNELS = 32, 8, 4

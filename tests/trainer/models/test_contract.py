@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-from trainer.models import load_pretrained, model_flops, save_pretrained
+from tessera.trainer.models import load_pretrained, model_flops, save_pretrained
 
 from .conftest import VALID, make_inputs, make_model
 

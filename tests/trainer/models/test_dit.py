@@ -8,8 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tessera.config import ConfigError
-from trainer.models import DiT, DiTConfig, build_model
-from trainer.models.dit import CrossAttention, flops_per_sample, sincos_2d
+from tessera.trainer.models import DiT, DiTConfig, build_model
+from tessera.trainer.models.dit import CrossAttention, flops_per_sample, sincos_2d
 
 from .conftest import make_inputs, make_model, perturb
 

@@ -7,8 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.models import MMDiT, MMDiTConfig, build_model
-from trainer.models.mmdit import MMDIT_PRESETS, flops_per_sample
+from tessera.trainer.models import MMDiT, MMDiTConfig, build_model
+from tessera.trainer.models.mmdit import MMDIT_PRESETS, flops_per_sample
 
 from .conftest import make_inputs, make_model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.models import UNet, UNetConfig, build_model, load_pretrained, save_pretrained
-from trainer.models.unet import UNET_PRESETS
+from tessera.trainer.models import UNet, UNetConfig, build_model, load_pretrained, save_pretrained
+from tessera.trainer.models.unet import UNET_PRESETS
 
 from .conftest import make_inputs, perturb
 

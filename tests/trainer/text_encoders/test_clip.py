@@ -6,7 +6,7 @@ import open_clip
 import torch
 
 from tests.trainer.text_encoders.conftest import TINY_CLIP, assert_frozen
-from trainer.text_encoders import build_text_encoder
+from tessera.trainer.text_encoders import build_text_encoder
 
 PROMPTS = ["a red cube", "a small dog running on the beach"]
 

@@ -6,8 +6,8 @@ import torch
 
 from tessera.config import from_dict
 from tests.trainer.text_encoders.conftest import TINY_CLIP, assert_frozen
-from trainer.text_encoders import TextEmbedding, TextEncoderConfig, build_text_encoder
-from trainer.text_encoders.concat import concat_embeddings
+from tessera.trainer.text_encoders import TextEmbedding, TextEncoderConfig, build_text_encoder
+from tessera.trainer.text_encoders.concat import concat_embeddings
 
 
 def _emb(b, n, d, valid, pooled=None):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.trainer.text_encoders.conftest import assert_frozen
-from trainer.text_encoders import build_text_encoder, minilm_path
+from tessera.trainer.text_encoders import build_text_encoder, minilm_path
 
 CAPTIONS = [
     "a red cube on a wooden table",

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from tests.trainer.text_encoders.conftest import assert_frozen
-from trainer.text_encoders import build_text_encoder
+from tessera.trainer.text_encoders import build_text_encoder
 
 INSTR = "Describe: "
 

@@ -7,14 +7,14 @@ import torch
 
 from tessera.config import ConfigError, from_dict
 from tessera.registry import RegistryError
-from trainer.text_encoders import (
+from tessera.trainer.text_encoders import (
     TEXT_ENCODERS,
     TextEncoderConfig,
     build_text_encoder,
     resolve_device,
     resolve_dtype,
 )
-from trainer.text_encoders.runtime import slugify, weights_fingerprint
+from tessera.trainer.text_encoders.runtime import slugify, weights_fingerprint
 
 
 def test_registry_names():
@@ -37,7 +37,7 @@ def test_config_is_strict_and_sections_checked():
 
 
 def test_build_rejects_wrong_config_type(t5_dir):
-    from trainer.text_encoders import LLMEncoderConfig
+    from tessera.trainer.text_encoders import LLMEncoderConfig
 
     with pytest.raises(TypeError, match="T5EncoderConfig"):
         build_text_encoder("t5", LLMEncoderConfig(path=t5_dir))
@@ -70,7 +70,7 @@ def test_ids_follow_weights(t5_dir, tmp_path):
 
 
 def test_embedding_pad_to_and_one_valid_token():
-    from trainer.text_encoders import TextEmbedding, ensure_one_valid
+    from tessera.trainer.text_encoders import TextEmbedding, ensure_one_valid
 
     emb = TextEmbedding(torch.ones(2, 3, 4), torch.tensor([[True, True, False], [False, False, False]]))
     padded = emb.pad_to(5)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from trainer.diffusion.objectives import DDPMObjectiveConfig
-from trainer.diffusion.samplers.base import SAMPLERS, Sampler, step_noise
-from trainer.diffusion.samplers.discrete import Spacing, spaced_timesteps, to_x0_eps
-from trainer.diffusion.schedules import alphas_cumprod
+from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, step_noise
+from tessera.trainer.diffusion.samplers.discrete import Spacing, spaced_timesteps, to_x0_eps
+from tessera.trainer.diffusion.schedules import alphas_cumprod
 
 
 @SAMPLERS.register("ddpm")

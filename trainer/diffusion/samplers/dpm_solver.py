@@ -12,9 +12,9 @@ import math
 import numpy as np
 import torch
 
-from trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu
-from trainer.diffusion.samplers.base import SAMPLERS, Sampler
-from trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
+from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
 
 
 @SAMPLERS.register("dpmpp_2m")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.diffusion.objectives import EDMObjective, EDMObjectiveConfig
-from trainer.diffusion.samplers.base import SAMPLERS, Sampler
-from trainer.diffusion.schedules import karras_sigmas
+from tessera.trainer.diffusion.objectives import EDMObjective, EDMObjectiveConfig
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.schedules import karras_sigmas
 
 
 @SAMPLERS.register("edm_heun")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.diffusion import schedules
-from trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu, flow_velocity
-from trainer.diffusion.samplers.base import SAMPLERS, Sampler
-from trainer.diffusion.samplers.discrete import Spacing
-from trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
+from tessera.trainer.diffusion import schedules
+from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu, flow_velocity
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.samplers.discrete import Spacing
+from tessera.trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
 
 
 @SAMPLERS.register("euler")

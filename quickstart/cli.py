@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Run or resume the quickstart."""
-    from tessera.quickstart import CONFIG_DIR, QuickstartOptions, run_quickstart
+    from tessera.quickstart.run import CONFIG_DIR, QuickstartOptions, run_quickstart
 
     if (args.minutes is not None and args.minutes <= 0) or args.budget <= 0 or args.nproc < 1 or (
             args.subset is not None and args.subset < 2):

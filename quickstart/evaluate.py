@@ -6,7 +6,7 @@ import io
 import time
 from pathlib import Path
 
-from tessera.quickstart_data import load_holdout
+from tessera.quickstart.data import load_holdout
 
 
 def initial_model(cfg):
@@ -14,8 +14,8 @@ def initial_model(cfg):
     broadcasts rank 0's parameters, so this is the initial model of every rank)."""
     import torch
 
-    from trainer.components import Frozen
-    from trainer.state import seed_everything
+    from tessera.trainer.components import Frozen
+    from tessera.trainer.state import seed_everything
 
     seed_everything(cfg.train.seed, 0, False)
     frozen = Frozen(cfg.text_encoder, cfg.autoencoder, torch.device("cpu"))
@@ -27,7 +27,7 @@ def generate_like(model, te, ae, sampler_cfg, objective_cfg, items, seed: int):
     """One image per held-out item, with its caption at its bucket size (grouped by bucket); item order kept."""
     import torch
 
-    from trainer.sampling import generate
+    from tessera.trainer.inference import generate
 
     out: list = [None] * len(items)
     by_bucket: dict[tuple[int, int], list[int]] = {}
@@ -47,9 +47,9 @@ class FID:
     def __init__(self, holdout_dir: Path, cache_dir: Path, n_images: int, batch_size: int, seed: int) -> None:
         from PIL import Image
 
-        from evaluation.fid import compute_fid_stats
-        from evaluation.inception import load_inception
-        from evaluation.stats_cache import StatsCache
+        from tessera.evaluation.fid import compute_fid_stats
+        from tessera.evaluation.inception import load_inception
+        from tessera.evaluation.stats_cache import StatsCache
 
         self.batch_size, self.seed = batch_size, seed
         self.items = load_holdout(str(holdout_dir))[:n_images]  # keys are hashes: a random subset
@@ -59,7 +59,7 @@ class FID:
 
     def __call__(self, model, te, ae, sampler_cfg, objective_cfg) -> dict:
         """FID of the model's images for the held-out captions; also how long sampling and Inception took."""
-        from evaluation.fid import compute_fid_stats, frechet_distance
+        from tessera.evaluation.fid import compute_fid_stats, frechet_distance
 
         t0 = time.perf_counter()
         fake = generate_like(model, te, ae, sampler_cfg, objective_cfg, self.items, self.seed)
@@ -75,7 +75,7 @@ def save_grid(model, te, ae, sampler_cfg, objective_cfg, prompts: list[str], siz
     """A captioned grid PNG of one image per prompt (same layout as the trainer's grids)."""
     import torch
 
-    from trainer.sampling import generate, make_grid
+    from tessera.trainer.inference import generate, make_grid
 
     imgs = generate(model, te, ae, sampler_cfg, objective_cfg, prompts, height=size[0], width=size[1], seed=seed,
                     device=torch.device("cpu"))

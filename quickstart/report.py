@@ -80,7 +80,7 @@ def reference_grid(grid_items) -> bytes:
     """The held-out real images of the grid prompts, in the same layout as the sample grids."""
     from PIL import Image
 
-    from trainer.sampling import make_grid
+    from tessera.trainer.inference import make_grid
 
     imgs = [Image.open(h.file).convert("RGB").resize((32, 32)) for h in grid_items]
     buf = io.BytesIO()

@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.manifest import FORMAT
-from data_pipeline.shards import IMAGE_EXTS, TarShardWriter, iter_samples, write_json
+from tessera.data_pipeline.manifest import FORMAT
+from tessera.data_pipeline.shards import IMAGE_EXTS, TarShardWriter, iter_samples, write_json
 from tessera import __version__, storage
 
 log = logging.getLogger("tessera.quickstart")

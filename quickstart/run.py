@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.config import dump_yaml, load_config
+from tessera.config import dump_yaml, load_config, shipped_configs
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+CONFIG_DIR = shipped_configs() / "quickstart"
 STAGES = ("ingest", "split", "precompute", "step0", "train", "final")
 
 
@@ -140,7 +140,7 @@ def _env_defaults() -> None:
 
 def ingest_config(opts: QuickstartOptions, paths: Paths):
     """The data config with the output and, for ``--subset N``, 3/4 emoji + 1/4 clip art limits."""
-    from data_pipeline.ingest import IngestConfig
+    from tessera.data_pipeline.ingest import IngestConfig
 
     cfg = load_config(IngestConfig, Path(opts.configs) / "data.yaml", [f"output={paths.ingest}"])
     if opts.subset is not None:
@@ -152,10 +152,10 @@ def ingest_config(opts: QuickstartOptions, paths: Paths):
 
 def run_data_stages(opts: QuickstartOptions, paths: Paths, state: State, ev: QuickstartEvalConfig) -> None:
     """Stages 1-3 on one embedded Ray runtime (started once, shared by ingest and precompute)."""
-    from data_pipeline.executors import make_executor
-    from data_pipeline.ingest import run_ingest
-    from data_pipeline.precompute import PrecomputeConfig, run_precompute
-    from tessera.quickstart_data import split_dataset
+    from tessera.data_pipeline.executors import make_executor
+    from tessera.data_pipeline.ingest import run_ingest
+    from tessera.data_pipeline.precompute import PrecomputeConfig, run_precompute
+    from tessera.quickstart.data import split_dataset
 
     executor = None
     try:
@@ -188,7 +188,7 @@ def run_data_stages(opts: QuickstartOptions, paths: Paths, state: State, ev: Qui
 
 def train_config(opts: QuickstartOptions, paths: Paths, prompts: list[str]):
     """The training config with this quickstart's paths and held-out grid prompts; written to ``<out>/configs``."""
-    from trainer.config import TrainJobConfig
+    from tessera.trainer.config import TrainJobConfig
 
     cfg = load_config(TrainJobConfig, Path(opts.configs) / "train.yaml")
     cfg.run.root, cfg.run.id = str(paths.runs), "train"
@@ -201,7 +201,7 @@ def train_config(opts: QuickstartOptions, paths: Paths, prompts: list[str]):
 
 def checkpoint_state(run_dir: Path) -> dict | None:
     """``{"step", "samples", "url"}`` of the newest complete checkpoint, or None."""
-    from trainer.checkpoint import CheckpointManager, read_json
+    from tessera.trainer.checkpoint import CheckpointManager, read_json
 
     url = CheckpointManager(str(run_dir / "checkpoints")).resolve("auto")
     if url is None:
@@ -258,7 +258,7 @@ def run_training(opts: QuickstartOptions, paths: Paths, state: State, ev: Quicks
     Every segment but the last trains at the peak learning rate; the last decays it linearly to zero over its
     measured-throughput length (the config's ``optim.schedule: wsd``). A later, larger ``--minutes`` continues
     from the end: its segments return to the peak rate and decay again at their end."""
-    from trainer.launch import spawn_local
+    from tessera.trainer.launch import spawn_local
 
     segs = state.data["segments"]
     trained = sum(s["minutes"] for s in segs)
@@ -308,7 +308,7 @@ def run_training(opts: QuickstartOptions, paths: Paths, state: State, ev: Quicks
 
 def run_step0(paths: Paths, state: State, ev: QuickstartEvalConfig, cfg):
     """Grid and FID of the initial model (and the held-out images' Inception statistics); returns the FID."""
-    from tessera.quickstart_eval import FID, initial_model, save_grid
+    from tessera.quickstart.evaluate import FID, initial_model, save_grid
 
     with state.stage("step0", "sample grid + FID of the initial model") as info:
         fid = FID(paths.holdout, paths.eval / "fid_stats", ev.fid_images, ev.fid_batch_size, ev.seed)
@@ -326,8 +326,8 @@ def run_final(paths: Paths, state: State, ev: QuickstartEvalConfig, fid=None) ->
     """FID of the final checkpoint's EMA weights (redone when training continued since)."""
     import torch
 
-    from tessera.quickstart_eval import FID
-    from trainer.export import load_for_sampling
+    from tessera.quickstart.evaluate import FID
+    from tessera.trainer.inference import load_for_sampling
 
     ck = checkpoint_state(paths.run)
     with state.stage("final", f"FID of the EMA weights at step {ck['step']}") as info:
@@ -347,8 +347,8 @@ def run_final(paths: Paths, state: State, ev: QuickstartEvalConfig, fid=None) ->
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
     """Run (or resume) every stage; returns the final state (also in ``<out>/quickstart.json``)."""
-    from tessera.quickstart_data import load_holdout, pick_prompts
-    from tessera.quickstart_report import log_to_wandb, print_summary, write_report
+    from tessera.quickstart.data import load_holdout, pick_prompts
+    from tessera.quickstart.report import log_to_wandb, print_summary, write_report
 
     _env_defaults()
     t_start = time.perf_counter()

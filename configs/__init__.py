@@ -1,0 +1,1 @@
+"""Shipped YAML configs, found through importlib.resources (``tessera.config.resolve_config_path``)."""

@@ -1,0 +1,60 @@
+"""What the loop samples on its way: EMA sample grids (trainer inference) and the in-training evaluation hook.
+
+In-training evaluation needs the ``evaluation`` package, which sits above the trainer; the CLI builds it
+(``evaluation.in_training.training_hooks``) and hands it to ``train`` as ``TrainHooks.evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from tessera import storage
+from tessera.trainer.checkpoint import full_fp32_params
+from tessera.trainer.inference import generate, make_grid, model_from_weights, png_bytes
+
+log = logging.getLogger("tessera.sample")
+
+# evaluate(model, text_encoder, autoencoder, step, tracker) -> metrics; runs on rank 0 with a plain module.
+EvalFn = Callable[..., dict]
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks into the layers above the trainer, built by the CLI."""
+
+    evaluate: EvalFn | None = None
+
+
+def _weights(ema, engine) -> dict:
+    # Gathering is collective: every rank takes part even though only rank 0 samples.
+    return ema.state_dict() if ema is not None else full_fp32_params(engine)
+
+
+def log_sample_grid(cfg, ema, engine, frozen, tracker, run, step: int, rank: int) -> None:
+    """Rank 0: sample the fixed prompts with the EMA (or raw) weights, save a PNG and log it to W&B."""
+    weights = _weights(ema, engine)
+    if rank != 0:
+        return
+    sc = cfg.samples
+    device = next(engine.module.parameters()).device
+    model = model_from_weights(cfg.model, weights, device)
+    images = generate(model, frozen.text, frozen.ae, sc.sampler, cfg.objective, list(sc.prompts), height=sc.height,
+                      width=sc.width, seed=sc.seed, device=device)
+    grid = make_grid(images, list(sc.prompts), scale=max(1, 96 // max(sc.height, 1)))
+    storage.write_bytes(run.path("samples", f"step_{step:09d}.png"), png_bytes(grid))
+    tracker.log_images("samples/ema" if ema is not None else "samples/raw", images, list(sc.prompts), step=step)
+    log.info("sample grid for step %d written", step)
+
+
+def run_eval_hook(hooks: TrainHooks, cfg, ema, engine, frozen, tracker, step: int, rank: int) -> None:
+    """Rank 0: evaluate the EMA (or raw) weights through ``hooks.evaluate``."""
+    weights = _weights(ema, engine)
+    if rank != 0:
+        return
+    device = next(engine.module.parameters()).device
+    model = model_from_weights(cfg.model, weights, device)
+    metrics = hooks.evaluate(model, frozen.text, frozen.ae, step, tracker)
+    log.info("in-training eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()
+                                                       if isinstance(v, float)})
