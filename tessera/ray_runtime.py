@@ -42,5 +42,5 @@ def ensure_ray(cfg: RayConfig | None = None) -> bool:
         store = None if cfg.object_store_memory_mb is None else cfg.object_store_memory_mb * 2**20
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
                  object_store_memory=store, _node_ip_address="127.0.0.1", log_to_driver=False)
-    log.info("ray: %s (%s CPUs)", cfg.address or "embedded on 127.0.0.1", ray.cluster_resources().get("CPU"))
+    log.info("ray: %s", cfg.address or "embedded on 127.0.0.1")
     return True
