@@ -1,8 +1,11 @@
 """Runs and tracking: a run id and directory (local or S3), ``metrics.jsonl``, logs and W&B.
 
 A run directory holds ``run.json`` (ids), ``config.yaml`` (resolved, with its hash), ``metrics.jsonl``
-and ``logs/``. When the run root is ``s3://``, files are written to a local mirror and uploaded
-atomically on ``flush()``/``finish()``: W&B and file logging need a local directory anyway.
+and ``logs/``. When the run root is ``s3://``, files are written to a local mirror (W&B and file logging
+need a local directory anyway). A background thread uploads the growing files (``metrics.jsonl`` on rank 0,
+``logs/rank<R>.log``) every ``RunConfig.sync_every_lines`` metric lines or ``sync_every_minutes``, whichever
+comes first, so a ``kill -9`` loses at most that window; ``Run.sync()``, ``Tracker.finish()`` and
+``Run.close()`` upload the whole mirror (W&B's own files excepted). Every upload is an atomic PUT.
 W&B goes offline by itself when no API key is configured; secrets never reach any of these files.
 """
 
@@ -15,6 +18,7 @@ import netrc
 import os
 import re
 import secrets as _secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +49,21 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """Run identity and location."""
+    """Run identity and location, and how often an S3 run uploads its metrics and logs."""
 
     root: str = "runs"  # local directory or s3://bucket/prefix
     id: str | None = None  # None: a new id; set it to continue a run (same dir, same W&B run)
     local_mirror: str | None = None  # local working dir for S3 runs; default ~/.cache/tessera/runs/<id>
+    # S3 runs: upload metrics.jsonl and the logs after this many metric lines (0: no line trigger) ...
+    sync_every_lines: int = 100
+    # ... and at least this often while they change (0: no timer). A kill -9 loses at most this window.
+    sync_every_minutes: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.sync_every_lines < 0:
+            raise ValueError(f"run.sync_every_lines must be >= 0, got {self.sync_every_lines}")
+        if self.sync_every_minutes < 0:
+            raise ValueError(f"run.sync_every_minutes must be >= 0, got {self.sync_every_minutes}")
 
 
 def scrub(obj: Any) -> Any:
@@ -84,6 +98,11 @@ class Run:
         (self.local_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.resumed = self._load_or_create_meta()
         self._file_handler: logging.Handler | None = None
+        self._upload_lock = threading.Lock()  # one upload at a time: an older snapshot never lands last
+        self._uploaded: dict[str, int] = {}  # bytes of each live file already on S3
+        self.sync_failures = 0
+        self._syncer = _Syncer(self, cfg.sync_every_lines, cfg.sync_every_minutes) if storage.is_s3(self.url) \
+            else None
 
     def _load_or_create_meta(self) -> bool:
         meta_url = storage.join(self.url, "run.json")
@@ -122,21 +141,91 @@ class Run:
         logging.getLogger().addHandler(h)
         self._file_handler = h
 
+    def note_lines(self, n: int = 1) -> None:
+        """Count ``n`` new metric lines; an S3 run uploads its live files every ``sync_every_lines``."""
+        if self._syncer is not None:
+            self._syncer.note(n)
+
+    def live_files(self) -> list[str]:
+        """Mirror-relative names of the files this rank appends to during the run."""
+        return (["metrics.jsonl"] if self.rank == 0 else []) + [f"logs/rank{self.rank}.log"]
+
+    def sync_live(self) -> None:
+        """Upload the live files that grew since their last upload (complete lines only); failures are counted."""
+        with self._upload_lock:
+            for name in self.live_files():
+                path = self.local_dir / name
+                if not path.exists() or path.stat().st_size == self._uploaded.get(name):
+                    continue
+                data = path.read_bytes()
+                data = data[: data.rfind(b"\n") + 1]  # the last line may be half-appended right now
+                try:
+                    storage.write_bytes(self.path(name), data)
+                except OSError as exc:  # the next cadence retries; a failed upload never stops training
+                    self.sync_failures += 1
+                    log.warning("could not upload %s (%d failed uploads so far): %s", name, self.sync_failures, exc)
+                    continue
+                self._uploaded[name] = len(data)
+
     def sync(self) -> None:
-        """Upload the local mirror's logs and metrics to an S3 run directory."""
+        """Upload the whole local mirror (W&B's files excepted) to an S3 run directory."""
         if not storage.is_s3(self.url):
             return
-        for p in sorted(self.local_dir.rglob("*")):
-            if p.is_file() and "wandb" not in p.relative_to(self.local_dir).parts[:1]:
-                storage.write_bytes(self.path(str(p.relative_to(self.local_dir))), p.read_bytes())
+        with self._upload_lock:
+            for p in sorted(self.local_dir.rglob("*")):
+                if p.is_file() and "wandb" not in p.relative_to(self.local_dir).parts[:1]:
+                    storage.write_bytes(self.path(str(p.relative_to(self.local_dir))), p.read_bytes())
 
     def close(self) -> None:
-        """Detach file logging and sync."""
+        """Detach file logging, stop the background uploads and sync everything."""
         if self._file_handler is not None:
             logging.getLogger().removeHandler(self._file_handler)
             self._file_handler.close()
             self._file_handler = None
+        if self._syncer is not None:
+            self._syncer.stop()
+            self._syncer = None
         self.sync()
+
+
+class _Syncer:
+    """Calls ``run.sync_live()`` on a daemon thread every N noted lines or M minutes, off the training step."""
+
+    def __init__(self, run: Run, every_lines: int, every_minutes: float) -> None:
+        self._run, self._every_lines = run, every_lines
+        self._period = every_minutes * 60 if every_minutes > 0 else None  # None: wait for line triggers only
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"tessera-run-sync-rank{run.rank}", daemon=True)
+        self._thread.start()
+
+    def note(self, lines: int) -> None:
+        """Count new lines; wake the uploader once ``every_lines`` have accumulated."""
+        with self._lock:
+            self._pending += lines
+            if self._every_lines and self._pending >= self._every_lines:
+                self._pending = 0
+                self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self._period)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._run.sync_live()
+            except Exception:  # counted and logged; the thread must outlive any one bad upload
+                self._run.sync_failures += 1
+                log.exception("background upload of run %s failed", self._run.id)
+
+    def stop(self) -> None:
+        """Finish the upload in flight, then end the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
 
 
 def wandb_api_key_available() -> bool:
@@ -193,6 +282,7 @@ class Tracker:
         rec.update({k: _plain(v) for k, v in metrics.items()})
         with open(self._metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+        self.run.note_lines(1)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 

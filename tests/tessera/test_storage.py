@@ -10,10 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tessera import storage
-from tessera.storage import MiB, StorageConfig
+from tessera.storage import MiB, StorageConfig, s3
 from tests.fixtures.s3 import seed_objects
-
-FAST_RETRY = StorageConfig(backoff_base_s=0.01)
 
 
 class Boom(RuntimeError):
@@ -21,8 +19,13 @@ class Boom(RuntimeError):
 
 
 @pytest.fixture(autouse=True)
-def _fast_retries():
-    storage.configure(FAST_RETRY)
+def _fast_retries(monkeypatch):
+    """botocore's own backoff, scaled down (1 s per throttled retry would dominate these tests)."""
+    from botocore.retries.standard import ExponentialBackoff
+
+    monkeypatch.setattr(ExponentialBackoff, "_DEFAULT_BACKOFF_CONFIG",
+                        {"throttling_base_scale": 0.01, "non_throttling_base_scale": 0.01})
+    storage.configure(StorageConfig())
     yield
     storage.configure(StorageConfig())
 
@@ -36,7 +39,7 @@ def root(request: pytest.FixtureRequest, tmp_path) -> str:
 
 
 def _bucket_key(url: str) -> tuple[str, str]:
-    return storage._split(url)
+    return s3.split_url(url)
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -175,6 +178,8 @@ def test_urls() -> None:
         storage.exists("s3:///k")
     with pytest.raises(ValueError, match="multipart_chunk_mb"):
         StorageConfig(multipart_chunk_mb=4)
+    with pytest.raises(ValueError, match="retry_mode"):
+        StorageConfig(retry_mode="legacy")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- S3 only
@@ -190,7 +195,7 @@ def test_multipart_upload_over_8mib(s3_bucket: str) -> None:
         # Parts are streaming up, but nothing is visible until the block exits.
         assert not storage.exists(url)
     bucket, key = _bucket_key(url)
-    head = storage._client().head_object(Bucket=bucket, Key=key)
+    head = s3.client().head_object(Bucket=bucket, Key=key)
     assert head["ETag"].strip('"').endswith("-2")  # a multipart ETag: 8 MiB + the rest
     assert head["ContentLength"] == len(data)
     assert storage.read_bytes(url) == data
@@ -205,7 +210,7 @@ def test_create_only_multipart(s3_bucket: str) -> None:
             f.write(b"m" * (9 * MiB))  # multipart upload under way
             storage.write_bytes(url, b"racer")  # another writer publishes first
     assert storage.read_bytes(url) == b"racer"
-    assert "Uploads" not in storage._client().list_multipart_uploads(Bucket=bucket)
+    assert "Uploads" not in s3.client().list_multipart_uploads(Bucket=bucket)
 
 
 @pytest.mark.s3
@@ -216,19 +221,19 @@ def test_interrupted_multipart_leaves_no_object_or_upload(s3_bucket: str) -> Non
         with storage.atomic_write(url) as f:
             f.write(b"z" * (9 * MiB))
             # The multipart upload exists now, with one part uploaded.
-            assert len(storage._client().list_multipart_uploads(Bucket=bucket)["Uploads"]) == 1
+            assert len(s3.client().list_multipart_uploads(Bucket=bucket)["Uploads"]) == 1
             raise Boom
     assert not storage.exists(url)
-    assert "Uploads" not in storage._client().list_multipart_uploads(Bucket=bucket)
+    assert "Uploads" not in s3.client().list_multipart_uploads(Bucket=bucket)
     assert storage.list_prefix(s3_bucket) == []
 
 
 @pytest.mark.s3
 def test_list_more_than_1000_keys(s3_bucket: str) -> None:
     urls = [storage.join(s3_bucket, "many", f"{i:05d}.txt") for i in range(1050)]
-    # 1,000 keys seeded in the server's backend (an HTTP PUT costs ~8 ms of this shared CPU), the
+    # 1,000 keys seeded straight into the server's backend (one HTTP PUT each would dominate the test), the
     # last 50 written concurrently through storage; the listing itself pages over HTTP.
-    seed_objects(s3_bucket, [storage._split(u)[1] for u in urls[:1000]], b"k")
+    seed_objects(s3_bucket, [s3.split_url(u)[1] for u in urls[:1000]], b"k")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda u: storage.write_bytes(u, b"k"), urls[1000:]))
     storage.write_bytes(storage.join(s3_bucket, "other.txt"), b"o")
@@ -244,18 +249,26 @@ def _inject(event: str, fail) -> list[int]:
         calls.append(1)
         return fail() if len(calls) == 1 else None
 
-    storage._client().meta.events.register(event, hook)
+    s3.client().meta.events.register(event, hook)
     return calls
 
 
-def _http_503_slowdown():
+def _error_response(status: int, code: str):
     from botocore.awsrequest import AWSResponse
 
     class Raw:
         def stream(self):
-            yield b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            yield f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
 
-    return AWSResponse("http://127.0.0.1/", 503, {}, Raw())
+    return AWSResponse("http://127.0.0.1/", status, {}, Raw())
+
+
+def _http_503_slowdown():
+    return _error_response(503, "SlowDown")
+
+
+def _http_500_internal():
+    return _error_response(500, "InternalError")
 
 
 def _connection_drop():
@@ -266,14 +279,18 @@ def _connection_drop():
 
 @pytest.mark.s3
 @pytest.mark.parametrize(
-    "event,fail,reason,n_calls",
-    [  # n_calls: the failed attempt, our one retry (botocore's own retries are off), other calls
-        ("before-send.s3.PutObject", _http_503_slowdown, "throttle", 2),
-        ("before-send.s3.UploadPart", _http_503_slowdown, "throttle", 3),  # 2 parts
-        ("before-send.s3.ListObjectsV2", _connection_drop, "connection", 2),
+    "mode,event,fail,reason,n_calls",
+    [  # n_calls: the failed attempt, botocore's one retry, the other calls of the write
+        ("standard", "before-send.s3.PutObject", _http_503_slowdown, "throttle", 2),
+        ("standard", "before-send.s3.UploadPart", _http_503_slowdown, "throttle", 3),  # 2 parts
+        ("standard", "before-send.s3.ListObjectsV2", _connection_drop, "connection", 2),
+        ("adaptive", "before-send.s3.PutObject", _http_500_internal, "server_error", 2),
     ],
 )
-def test_transient_failure_is_retried_and_counted(s3_bucket: str, event, fail, reason, n_calls, caplog) -> None:
+def test_transient_failure_is_retried_and_counted(s3_bucket: str, mode, event, fail, reason, n_calls,
+                                                  caplog) -> None:
+    storage.configure(StorageConfig(retry_mode=mode))
+    assert s3.client().meta.config.retries["mode"] == mode  # botocore's retry mode does the retrying
     url = storage.join(s3_bucket, "flaky.bin")
     data = b"f" * (9 * MiB if "UploadPart" in event else 100)
     before = storage.retry_stats().get(reason, 0)
@@ -290,15 +307,36 @@ def test_transient_failure_is_retried_and_counted(s3_bucket: str, event, fail, r
 
 @pytest.mark.s3
 def test_retries_give_up_with_an_error_naming_the_url(s3_bucket: str) -> None:
-    storage.configure(StorageConfig(max_retries=2, backoff_base_s=0.0))
+    storage.configure(StorageConfig(max_retries=2))
     url = storage.join(s3_bucket, "never.bin")
-    storage._client().meta.events.register("before-send.s3.PutObject", lambda **_: _http_503_slowdown())
+    s3.client().meta.events.register("before-send.s3.PutObject", lambda **_: _http_503_slowdown())
     before = storage.retry_stats()
     with pytest.raises(storage.StorageError, match="never.bin"):
         storage.write_bytes(url, b"x")
     after = storage.retry_stats()
     assert after["throttle"] - before.get("throttle", 0) == 2
     assert after["gave_up"] - before.get("gave_up", 0) == 1
+
+
+@pytest.mark.s3
+def test_errors_that_are_not_transient_are_not_retried(s3_bucket: str) -> None:
+    url = storage.join(s3_bucket, "denied.bin")
+    calls = _inject("before-send.s3.PutObject", lambda: _error_response(403, "AccessDenied"))
+    before = storage.retry_stats()
+    with pytest.raises(PermissionError, match="denied.bin"):
+        storage.write_bytes(url, b"x")
+    assert len(calls) == 1 and storage.retry_stats() == before
+
+
+@pytest.mark.s3
+def test_conditional_write_conflict_is_retried(s3_bucket: str) -> None:
+    """S3's 409 ConditionalRequestConflict (not in botocore's retry conditions) is retried by our hook."""
+    url = storage.join(s3_bucket, "contended.txt")
+    before = storage.retry_stats().get("conflict", 0)
+    calls = _inject("before-send.s3.PutObject", lambda: _error_response(409, "ConditionalRequestConflict"))
+    storage.write_text(url, "mine", create_only=True)
+    assert storage.read_text(url) == "mine"
+    assert len(calls) == 2 and storage.retry_stats()["conflict"] == before + 1
 
 
 @pytest.mark.s3
@@ -328,7 +366,7 @@ def test_read_resumes_after_a_dropped_stream(s3_bucket: str, monkeypatch) -> Non
 @pytest.mark.s3
 def test_server_side_copy_multipart_range(s3_bucket: str, monkeypatch) -> None:
     """Objects over CopyObject's 5 GiB limit are copied as ranged parts (limit lowered here)."""
-    monkeypatch.setattr(storage, "_MAX_SINGLE_COPY", 1)
+    monkeypatch.setattr(s3, "_MAX_SINGLE_COPY", 1)
     src, dst = storage.join(s3_bucket, "s.bin"), storage.join(s3_bucket, "d.bin")
     data = os.urandom(9 * MiB)
     storage.write_bytes(src, data)
@@ -342,13 +380,13 @@ def test_missing_bucket_and_client_cache(s3_server: str) -> None:
         storage.write_bytes("s3://no-such-bucket-xyz/k", b"x")
     with pytest.raises(FileNotFoundError, match="no-such-bucket-xyz"):
         storage.list_prefix("s3://no-such-bucket-xyz/")
-    assert storage._client() is storage._client()
+    assert s3.client() is s3.client()
     storage.configure(StorageConfig(endpoint_url=s3_server, region="us-east-1"))
-    assert storage._client().meta.endpoint_url == s3_server
+    assert s3.client().meta.endpoint_url == s3_server
 
 
 def _child_reads(url: str, parent_client_id: int, queue) -> None:
-    queue.put((storage.read_bytes(url), id(storage._client()) != parent_client_id))
+    queue.put((storage.read_bytes(url), id(s3.client()) != parent_client_id))
 
 
 @pytest.mark.s3
@@ -359,9 +397,32 @@ def test_forked_child_builds_its_own_client(s3_bucket: str) -> None:
     storage.write_bytes(url, b"from parent")
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child_reads, args=(url, id(storage._client()), queue))
+    proc = ctx.Process(target=_child_reads, args=(url, id(s3.client()), queue))
     proc.start()
     got = queue.get(timeout=30)
     proc.join(timeout=30)
     assert proc.exitcode == 0
     assert got == (b"from parent", True)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_unknown_scheme_is_an_error_naming_the_url() -> None:
+    with pytest.raises(ValueError, match=r"gs://b/k.*known: file, s3"):
+        storage.read_bytes("gs://b/k")
+    assert storage.scheme("/data/s3://x") == "file" and storage.scheme("file:///x") == "file"
+    assert storage.BACKENDS.get("s3") is s3 and storage.BACKENDS.get("file") is storage.local
+
+
+def test_backends_do_not_import_each_other() -> None:
+    import ast
+    import inspect
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not [m for m in imports(storage.local) if m.startswith("tessera")]
+    assert not [m for m in imports(s3) | imports(storage.s3_client) if m.endswith("local")]

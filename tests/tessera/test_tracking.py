@@ -113,7 +113,8 @@ def test_secrets_never_reach_run_files(s3_bucket, tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     cfg_root = f"{s3_bucket}/runs"
     script = SCRIPT.replace("cfg = Job(run=RunConfig(root=root, id=run_id))",
-                            f"cfg = Job(run=RunConfig(root=root, id=run_id, local_mirror={str(mirror)!r}))")
+                            f"cfg = Job(run=RunConfig(root=root, id=run_id, local_mirror={str(mirror)!r}, "
+                            "sync_every_lines=1))")  # background uploads at every line, too
     out = subprocess.run([sys.executable, "-c", script, cfg_root, "secret-run", "0"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
