@@ -1,4 +1,4 @@
-"""``tessera data {ingest,inspect,verify}``; heavy imports happen inside the command functions."""
+"""``tessera data {ingest,precompute,inspect,verify}``; heavy imports happen inside the command functions."""
 
 from __future__ import annotations
 
@@ -43,14 +43,23 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    # Imported here: the encoders pull in torch/transformers, which `tessera --help` must not pay for.
+    """Run or resume a precompute from a config file plus overrides."""
+    # Imported here: the precompute modules import torch, which `tessera --help` must not pay for.
     from tessera.data_pipeline.precompute import precompute_command
 
     return precompute_command(args)
 
 
+def add_precompute_command(data_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``tessera data precompute`` (``--config``, ``--dry-run``, dotted overrides)."""
+    p = data_subparsers.add_parser("precompute", help="derived dataset with frozen text embeddings (and latents) "
+                                                      "added to every sample")
+    add_config_args(p, required=True)
+    p.set_defaults(func=_precompute)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``tessera data`` with its ``ingest``, ``inspect`` and ``verify`` subcommands."""
+    """Add ``tessera data`` with its ``ingest``, ``precompute``, ``inspect`` and ``verify`` subcommands."""
     data = subparsers.add_parser("data", help="ingest image-text pairs into shards; inspect and verify them")
     data.set_defaults(_group_parser=data)
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=type(data))
@@ -59,10 +68,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(p, required=True)
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("precompute", help="derived dataset with frozen text embeddings (and latents) added to "
-                                          "every sample")
-    add_config_args(p, required=True)
-    p.set_defaults(func=_precompute)
+    add_precompute_command(sub)
 
     p = sub.add_parser("inspect", help="print totals, reject reasons, bucket histogram and sample captions")
     p.add_argument("dir", help="dataset directory or s3:// prefix")
@@ -76,7 +82,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m data_pipeline.cli data ingest ...`` (same as ``tessera data ...``)."""
+    """Standalone entry: ``python -m tessera.data_pipeline.cli data ingest ...`` (same as ``tessera data ...``)."""
     from tessera.log import setup_logging
 
     parser = argparse.ArgumentParser(prog="tessera")

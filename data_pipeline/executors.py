@@ -3,6 +3,7 @@
 A task is ``fn(task: dict) -> dict`` on plain data, idempotent because every output is written
 atomically and its done-marker last; so a retry after a crash or a killed worker is harmless.
 ``map`` yields results as tasks complete (any order); callers never depend on that order.
+:func:`count_task` shows each finished task on a ``tessera.log.progress`` bar.
 """
 
 from __future__ import annotations
@@ -84,24 +85,9 @@ def make_executor(kind: Literal["ray", "local"], ray_cfg: RayConfig, max_retries
     raise ValueError(f"unknown executor {kind!r} (known: local, ray)")
 
 
-class Progress:
-    """tqdm bar over completed tasks with the running samples/s in its postfix."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True, leave=True)
-        self.samples = 0
-        self.t0 = time.perf_counter()
-
-    def update(self, samples: int) -> None:
-        """Count one finished task of ``samples`` inputs."""
-        self.samples += samples
-        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix(samples=self.samples, samples_per_s=f"{rate:.1f}", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> float:
-        """Close the bar; return samples/s over its lifetime."""
-        self.bar.close()
-        return self.samples / max(time.perf_counter() - self.t0, 1e-9)
+def count_task(bar: Any, samples: int, t0: float) -> float:
+    """Advance a progress bar by one finished task, showing samples and samples/s since ``t0``; return the rate."""
+    rate = samples / max(time.perf_counter() - t0, 1e-9)
+    bar.set_postfix(samples=samples, samples_per_s=f"{rate:.1f}", refresh=False)
+    bar.update(1)
+    return rate

@@ -6,7 +6,7 @@ tasks finish in, so a kill -9 and a rerun reproduce an uninterrupted run's shard
 
 1. ``stage_partition`` (one task per partition): read + process every input, write
    ``_staging/NNNNN.tar`` then ``_staging/NNNNN.hashes.json`` (the phase's done-marker).
-2. the driver: :func:`data_pipeline.dedup.decide` over (partition, position) order.
+2. the driver: :func:`tessera.data_pipeline.dedup.decide` over (partition, position) order.
 3. ``finalize_partition`` (one task per partition): filter the staging tar into ``shards/NNNNN.tar``,
    write ``rejects/NNNNN.parquet``, then ``shards/NNNNN.stats.json`` (the shard's done-marker).
 
@@ -26,16 +26,16 @@ from itertools import islice
 from typing import Any, Iterable, Iterator, Literal
 
 from tessera.data_pipeline.dedup import Candidate, DedupConfig, decide
-from tessera.data_pipeline.executors import LocalExecutor, Progress, RayConfig, RayExecutor, make_executor
+from tessera.data_pipeline.executors import LocalExecutor, RayConfig, RayExecutor, count_task, make_executor
 from tessera.data_pipeline.manifest import AccountingError, build_manifest, check_shard_accounting, output_config_hash
 from tessera.data_pipeline.process import ProcessConfig
-from tessera.data_pipeline.shards import (
-    TarShardWriter, iter_samples, read_json, sample_members, write_json, write_rejects,
-)  # fmt: skip
+from tessera.data_pipeline.shards import TarShardWriter, read_json, sample_members, write_json, write_rejects
 from tessera.data_pipeline.sources import Partition, SourceConfig
 from tessera import storage
 from tessera.config import ConfigError, from_dict, to_dict
+from tessera.log import progress
 from tessera.storage import StorageConfig
+from tessera.tars import iter_samples
 
 log = logging.getLogger("tessera.data")
 
@@ -183,16 +183,17 @@ def finalize_partition(task: dict) -> dict:
     drops = {int(p): (reason, detail) for p, reason, detail in task["drops"]}
     by_key = {s["key"]: s for s in staged["samples"]}
     rejects, written, buckets = list(staged["rejects"]), [], {}
-    with storage.open_read(_staging(out, n, ".tar")) as src, storage.atomic_write(shard_url(out, n, ".tar")) as f:
+    staged_tar = _staging(out, n, ".tar")
+    with storage.open_read(staged_tar) as src, storage.atomic_write(shard_url(out, n, ".tar")) as f:
         writer = TarShardWriter(f)
-        for key, members in iter_samples(src):
-            s = by_key[key]
+        for sample in iter_samples(src, staged_tar):
+            s = by_key[sample.key]
             if s["position"] in drops:
                 reason, detail = drops[s["position"]]
                 rejects.append({**{k: s.get(k) for k in ("position", "source_id", "url", "path")},
                                 "reason": reason, "detail": detail})
                 continue
-            writer.add_sample(members)
+            writer.add_sample(sample.named())
             written.append(s["position"])
             buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + 1
         sha, nbytes = writer.close()
@@ -249,14 +250,14 @@ def _check_resume(cfg: IngestConfig) -> None:
 
 
 def _run_phase(executor, fn, tasks: list[dict], desc: str, count_key: str) -> list[dict]:
-    progress = Progress(len(tasks), desc)
-    results = []
-    try:
+    """Run one phase's tasks with a progress bar; return their results (in completion order)."""
+    results: list[dict] = []
+    samples, rate, t0 = 0, 0.0, time.perf_counter()
+    with progress(total=len(tasks), desc=desc, unit="shard") as bar:
         for r in executor.map(fn, tasks):
             results.append(r)
-            progress.update(int(r.get(count_key, 0)))
-    finally:
-        rate = progress.close()
+            samples += int(r.get(count_key, 0))
+            rate = count_task(bar, samples, t0)
     log.info("%s: %d tasks, %.1f samples/s", desc, len(tasks), rate)
     return results
 
@@ -318,5 +319,6 @@ def run_ingest(cfg: IngestConfig, executor: LocalExecutor | RayExecutor | None =
     write_json(storage.join(cfg.output, "manifest.json"), manifest)  # written last
     _cleanup_staging(cfg.output)
     t = manifest["totals"]
-    log.info("ingest done: %d input, %d written, %d rejected -> %s", t["input"], t["written"], t["rejected"], cfg.output)
+    log.info("ingest done: %d input, %d written, %d rejected -> %s", t["input"], t["written"], t["rejected"],
+             cfg.output)
     return manifest

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import BinaryIO
 
 from tessera.data_pipeline.manifest import load_manifest
 from tessera.data_pipeline.shards import IMAGE_EXTS
 from tessera import storage
+from tessera.tars import TarReadError, iter_samples, read_samples
 
 
 def _bar(n: int, top: int, width: int = 30) -> str:
@@ -20,14 +21,9 @@ def _bar(n: int, top: int, width: int = 30) -> str:
 
 def sample_captions(out: str, shard_name: str, k: int) -> list[tuple[str, str]]:
     """The first ``k`` (key, caption) pairs of one shard."""
-    found = []
-    with storage.open_read(storage.join(out, shard_name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if info.name.endswith(".txt"):
-                found.append((info.name[:-4], tar.extractfile(info).read().decode("utf-8", "replace")))
-                if len(found) >= k:
-                    break
-    return found
+    samples = read_samples(storage.join(out, shard_name), keep=lambda ext: ext == "txt")
+    captions = ((s.key, s.members["txt"].decode("utf-8", "replace")) for s in samples if "txt" in s.members)
+    return list(islice(captions, k))
 
 
 def inspect_dataset(out: str, n_captions: int = 5) -> str:
@@ -107,14 +103,13 @@ def verify_shard(out: str, entry: dict) -> list[str]:
     with storage.open_read(url) as raw:
         f = _HashingReader(raw)
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    key, _, ext = info.name.partition(".")
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:  # stream mode returns short reads at a cut-off end
-                        raise EOFError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
-                    samples.setdefault(key, {})[ext] = data
-        except (tarfile.TarError, EOFError, OSError) as e:
+            for sample in iter_samples(f, name):
+                if sample.key in samples:
+                    problems.append(f"{name}: sample {sample.key}: members not adjacent (split in two)")
+                samples.setdefault(sample.key, {}).update(sample.members)
+        except TarReadError as e:
+            problems.append(str(e))  # "<name>: unreadable tar: ..."
+        except OSError as e:
             problems.append(f"{name}: unreadable tar: {type(e).__name__}: {e}")
         f.drain()
     if f.sha.hexdigest() != entry["sha256"] or f.bytes != entry["bytes"]:

@@ -3,8 +3,8 @@
 We write tars with :mod:`tarfile` directly rather than ``webdataset.TarWriter``: the writer pins every
 header field (mtime, uid/gid, user/group names, mode) and the member order, so the same samples always
 give the same bytes, which is what lets a killed-and-resumed run reproduce an uninterrupted run's
-shard hashes. Streaming mode (``w|``/``r|``) never seeks, so the same code writes into an S3 multipart
-upload.
+shard hashes. Streaming mode (``w|``) never seeks, so the same code writes into an S3 multipart upload.
+Shards are read back with :mod:`tessera.tars`, the one tar reader.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import re
 import tarfile
 from collections import OrderedDict
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from tessera import storage
 
@@ -80,24 +80,6 @@ def sample_members(key: str, image: bytes, ext: str, caption: str, meta: dict) -
     record = {"key": key, **meta}
     js = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return [(f"{key}.{ext}", image), (f"{key}.txt", caption.encode("utf-8")), (f"{key}.json", js.encode("utf-8"))]
-
-
-def iter_samples(f: BinaryIO) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """Yield (key, [(member name, bytes), ...]) from a tar stream, grouping consecutive members by key."""
-    key, members = None, []
-    with tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                raise ValueError(f"unexpected non-file tar member {info.name!r}")
-            k = info.name.split(".", 1)[0]
-            data = tar.extractfile(info).read()
-            if k != key and members:
-                yield key, members
-                members = []
-            key = k
-            members.append((info.name, data))
-    if members:
-        yield key, members
 
 
 def write_json(url: str, obj: dict) -> None:

@@ -12,14 +12,20 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Protocol
 
 from PIL import Image
 
+from tessera.tars import read_samples
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _is_image(ext: str) -> bool:
+    """A webdataset extension naming an image (``jpg``, not ``seg.png``: that is another field)."""
+    return f".{ext.lower()}" in IMAGE_EXTS
 
 
 class ImageSource(Protocol):
@@ -99,7 +105,7 @@ class PILSource:
 
 
 class TarSource:
-    """Image members of webdataset tars (local paths or s3:// urls), streamed with ``tarfile``."""
+    """Image members of webdataset tars (local paths or s3:// urls), streamed by :mod:`tessera.tars`."""
 
     def __init__(self, urls: list[str], *, identity: dict | None = None) -> None:
         if not urls:
@@ -109,15 +115,11 @@ class TarSource:
         self.failures: Counter = Counter()
 
     def __iter__(self) -> Iterator[Image.Image]:
-        from tessera import storage
-
         for url in self.urls:
-            with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for member in tar:  # streaming: members arrive in file order, no seeks
-                    if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTS:
-                        continue
-                    data = tar.extractfile(member).read()
-                    img = _decode(data, f"{url}:{member.name}", self.failures)
+            # Members outside any sample are counted in failures; a damaged tar raises, naming it.
+            for sample in read_samples(url, keep=_is_image, skipped=self.failures):
+                for ext, data in sample.members.items():
+                    img = _decode(data, f"{url}:{sample.key}.{ext}", self.failures)
                     if img is not None:
                         yield img
 

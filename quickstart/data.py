@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.data_pipeline.manifest import FORMAT
-from tessera.data_pipeline.shards import IMAGE_EXTS, TarShardWriter, iter_samples, write_json
+from tessera.data_pipeline.shards import IMAGE_EXTS, TarShardWriter, write_json
 from tessera import __version__, storage
+from tessera.tars import read_samples
 
 log = logging.getLogger("tessera.quickstart")
 
@@ -54,10 +55,10 @@ def is_held_out(key: str, fraction: float, seed: int = 0) -> bool:
 def _split_shard(src_url: str, dst_url: str, images_dir: Path, fraction: float, seed: int) -> tuple[dict, list[dict]]:
     """Copy one shard's training samples to ``dst_url`` and its held-out samples to files."""
     held, buckets, n_train = [], Counter(), 0
-    with storage.open_read(src_url) as src, storage.atomic_write(dst_url) as f:
+    with storage.atomic_write(dst_url) as f:
         writer = TarShardWriter(f)
-        for key, members in iter_samples(src):
-            by_ext = {name.split(".", 1)[1]: data for name, data in members}
+        for sample in read_samples(src_url):
+            key, by_ext = sample.key, sample.members
             meta = json.loads(by_ext["json"])  # a JSON member, never a pickle
             if is_held_out(key, fraction, seed):
                 ext = next(e for e in IMAGE_EXTS if e in by_ext)
@@ -66,7 +67,7 @@ def _split_shard(src_url: str, dst_url: str, images_dir: Path, fraction: float, 
                 held.append({"key": key, "caption": by_ext["txt"].decode("utf-8"), "bucket": meta["bucket"],
                              "source": meta.get("source", ""), "file": str(path)})
                 continue
-            writer.add_sample(members)
+            writer.add_sample(sample.named())
             buckets[meta["bucket"]] += 1
             n_train += 1
         sha, nbytes = writer.close()

@@ -1,21 +1,27 @@
 """``webdataset`` source: existing tars (local or s3://), to reshard, refilter or rebucket.
 
-Tars are streamed (``tarfile`` mode ``"r|*"``) and members grouped by webdataset key (the basename up
-to its first dot). Only image bytes, ``.txt`` and ``.json`` (parsed with ``json``) are read; every
-other member (pickles, tensors, caches) is skipped unread, so no shard member is ever unpickled.
+Tars are streamed by :mod:`tessera.tars`, which groups members by webdataset's own key rule. We read them
+with it rather than with ``webdataset.WebDataset``: the grouping is the same, but tessera.tars streams
+through :mod:`tessera.storage` (our S3 client, credentials and retries) without importing torch, and it
+catches truncated tars that Python's tarfile (which webdataset uses) would end early without a word; such a
+tar becomes one counted ``read_error`` here. Only image bytes, ``.txt`` and ``.json`` (parsed with ``json``)
+are kept; every other member (pickles, tensors, caches) is dropped unread, so no shard member is unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import posixpath
-import tarfile
+from collections import Counter
 from typing import Iterator
 
 from tessera.data_pipeline.sample import RawSample
 from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig
 from tessera import storage
+from tessera.tars import TarReadError, read_samples
+
+log = logging.getLogger("tessera.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # KEY.json fields of a tessera shard that describe the old encoding, not the sample: dropped on input.
@@ -23,11 +29,8 @@ _PROVENANCE = ("source_id", "url", "path", "source")
 _DERIVED = {"key", "bucket", "sha256", "phash", "orig_size", "scores", "caption", "captions", "meta"}
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: 'dir/abc.emb.x.safetensors' -> ('dir/abc', 'emb.x.safetensors')."""
-    dirname, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
+def _wanted(ext: str) -> bool:
+    return ext.lower() in IMAGE_EXTS or ext.lower() in ("txt", "json")
 
 
 class WebdatasetSource:
@@ -56,27 +59,16 @@ class WebdatasetSource:
     def read(self, part: Partition) -> Iterator[RawSample]:
         """Stream the tar; yield one RawSample per key (a tar read failure is one counted sample)."""
         url, rel = part.payload["tar"], part.payload["rel"]
-        key, members = None, {}
+        strays: Counter = Counter()  # members outside any sample (README, __meta__ entries): logged, not inputs
         try:
-            with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    k, ext = split_key(m.name)
-                    if k != key and key is not None:
-                        yield self._sample(url, rel, key, members)
-                        members = {}
-                    key = k
-                    if ext in IMAGE_EXTS or ext in ("txt", "json"):
-                        members[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
-        except (OSError, tarfile.TarError, EOFError) as e:
-            if key is not None:
-                yield self._sample(url, rel, key, members)
+            for s in read_samples(url, keep=_wanted, skipped=strays):  # webdataset lower-cases extensions too
+                yield self._sample(url, rel, s.key, {ext.lower(): data for ext, data in s.members.items()})
+        except (OSError, TarReadError) as e:  # the sample being read when it failed is part of this one
             yield RawSample("webdataset", f"webdataset:{rel}:#read_error", None, None, {"path": url},
                             "read_error", f"{type(e).__name__}: {e}")  # fmt: skip
-            return
-        if key is not None:
-            yield self._sample(url, rel, key, members)
+        if strays:
+            log.warning("webdataset %s: skipped %d member(s) outside any sample: %s", url, sum(strays.values()),
+                        dict(strays))
 
     @staticmethod
     def _sample(url: str, rel: str, key: str, members: dict[str, bytes]) -> RawSample:

@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_st
 
-import tessera.data_pipeline.precompute as pc
+import tessera.data_pipeline.precompute_worker as pw
+from tessera.data_pipeline.cli import add_precompute_command
 from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 from tessera.data_pipeline.inspect_verify import verify_dataset
-from tessera.data_pipeline.precompute import PrecomputeConfig, PrecomputeError, load_encoders, run_precompute
+from tessera.data_pipeline.precompute import run_precompute
+from tessera.data_pipeline.precompute_config import PrecomputeConfig, PrecomputeError
+from tessera.data_pipeline.precompute_worker import ShardEncoder, load_encoders
 from tessera import storage
 from tessera.config import ConfigError, from_dict
 
@@ -132,19 +135,19 @@ def test_manifest_lineage_caches_and_verify(source_ds, minilm_out):
 def test_failed_shard_then_rerun_recomputes_only_it(source_ds, minilm_out, tmp_path, monkeypatch):
     ref_out, ref = minilm_out
     out = tmp_path / "ds"
-    real_open, real_process = pc.open_verified, pc.ShardEncoder.process
+    real_open, real_process = pw.open_verified, ShardEncoder.process
 
     def dies_on_shard_1(url, sha, name):  # a worker killed while reading shard 1
         if name == "shards/00001.tar":
             raise RuntimeError("simulated worker death")
         return real_open(url, sha, name)
 
-    monkeypatch.setattr(pc, "open_verified", dies_on_shard_1)
+    monkeypatch.setattr(pw, "open_verified", dies_on_shard_1)
     with pytest.raises(PrecomputeError, match="shards/00001.tar"):
         run_precompute(make_cfg(source_ds, out))
     assert not (out / "manifest.json").exists() and not (out / "shards" / "00001.tar").exists()
     assert (out / "shards" / "00002.stats.json").exists()  # the other shards finished
-    monkeypatch.setattr(pc, "open_verified", real_open)
+    monkeypatch.setattr(pw, "open_verified", real_open)
 
     processed: list[str] = []
 
@@ -152,7 +155,7 @@ def test_failed_shard_then_rerun_recomputes_only_it(source_ds, minilm_out, tmp_p
         processed.append(task["name"])
         return real_process(self, task)
 
-    monkeypatch.setattr(pc.ShardEncoder, "process", recording)
+    monkeypatch.setattr(ShardEncoder, "process", recording)
     m = run_precompute(make_cfg(source_ds, out))
     assert processed == ["shards/00001.tar"]
     assert shard_bytes(out) == shard_bytes(ref_out) and m["shards"] == ref["shards"]
@@ -170,10 +173,11 @@ def test_failed_shard_then_rerun_recomputes_only_it(source_ds, minilm_out, tmp_p
 _KILLED_RUN = """
 import pathlib, sys, time
 import tessera.data_pipeline.precompute as pc
+from tessera.data_pipeline.precompute_worker import ShardEncoder
 from tests.data_pipeline.test_precompute import make_cfg
 
 source, out, ready = sys.argv[1:]
-real_chunk = pc.ShardEncoder._chunk
+real_chunk = ShardEncoder._chunk
 
 def chunk_then_hang(self, chunk, counts):  # the third shard's first chunk hangs until the kill -9
     new = real_chunk(self, chunk, counts)
@@ -182,7 +186,7 @@ def chunk_then_hang(self, chunk, counts):  # the third shard's first chunk hangs
         time.sleep(600)
     return new
 
-pc.ShardEncoder._chunk = chunk_then_hang
+ShardEncoder._chunk = chunk_then_hang
 pc.run_precompute(make_cfg(source, out))
 """
 
@@ -242,7 +246,7 @@ def test_config_validation():
 
 def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    pc.add_precompute_command(parser.add_subparsers())
+    add_precompute_command(parser.add_subparsers())
     cfg_file = Path(__file__).parents[2] / "configs" / "data" / "precompute_minilm.yaml"
     args = parser.parse_args(["precompute", "--config", str(cfg_file), "--dry-run", f"output={tmp_path}/o",
                               "batch_size=8"])

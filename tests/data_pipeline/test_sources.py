@@ -172,6 +172,13 @@ def test_webdataset_truncated_tar_is_counted(tmp_path: Path) -> None:
     assert samples[-1].error == "read_error"
 
 
+def test_webdataset_members_outside_any_sample_are_logged_not_inputs(tmp_path: Path, caplog) -> None:
+    _tar(tmp_path / "a.tar", [("README", b"about"), ("k1.jpg", image_bytes()), ("k1.txt", b"one")])
+    _, samples = read_all(SourceConfig(kind="webdataset", path=str(tmp_path / "a.tar")))
+    assert [(s.source_id, s.error) for s in samples] == [("webdataset:a.tar:k1", None)]
+    assert "skipped 1 member(s) outside any sample: {'member_without_key': 1}" in caplog.text
+
+
 def test_emoji_source() -> None:
     parts, samples = read_all(SourceConfig(kind="emoji", limit=6), per_part=4)
     assert len(parts) == 2 and len(samples) == 6

@@ -12,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tessera import storage
+from tessera.tars import TarReadError, index_members
 from tessera.trainer.data.plan import seed_int, shuffle_buffer
+
+log = logging.getLogger("tessera.data")
 
 FORMAT = "tessera-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -88,16 +91,9 @@ def _hash_local(path: str) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _index_tar(fileobj: io.IOBase, read_at) -> tuple[dict, dict, int]:
-    """Member offsets of a seekable tar, and keys per bucket read from the .json members."""
-    members: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-        for ti in tf:
-            if not ti.isfile():
-                continue
-            base = os.path.basename(ti.name)
-            key, _, ext = base.partition(".")
-            members.setdefault(key, {})[ext] = (ti.offset_data, ti.size)
+def _index_tar(fileobj: io.IOBase, name: str, read_at, strict: bool) -> tuple[dict, dict, int]:
+    """Member offsets of a seekable tar (webdataset keys, tessera.tars), and keys per bucket from the .json members."""
+    members = index_members(fileobj, name, strict=strict)
     by_bucket: dict[str, list[str]] = {}
     bad = 0
     for key, exts in members.items():
@@ -139,20 +135,22 @@ class ShardReader:
             raise CorruptShard(f"{self.catalog.names[s]}: sha256/bytes mismatch with the manifest")
 
     def _open(self, s: int) -> ShardIndex:
-        url = self.catalog.urls[s]
+        url, name = self.catalog.urls[s], self.catalog.names[s]
         must_hash = self.verify != "never" and s not in self.verified
+        # verify="never" reads a shard as far as tarfile can, damaged headers included (only a hash checks bytes).
+        strict = self.verify != "never"
         if storage.is_s3(url):
             data = storage.read_bytes(url)
             if must_hash:
                 self._check(s, hashlib.sha256(data).hexdigest(), len(data))
-            members, by_bucket, bad = _index_tar(io.BytesIO(data), lambda o, n: data[o:o + n])
+            members, by_bucket, bad = _index_tar(io.BytesIO(data), name, lambda o, n: data[o:o + n], strict)
             return ShardIndex(members=members, by_bucket=by_bucket, data=data, path=None, bad_json=bad)
         path = str(storage.local_path(url))
         if must_hash:
             self._check(s, *_hash_local(path))
         fd = self._fd(path)
         with open(path, "rb") as f:
-            members, by_bucket, bad = _index_tar(f, lambda o, n: os.pread(fd, n, o))
+            members, by_bucket, bad = _index_tar(f, name, lambda o, n: os.pread(fd, n, o), strict)
         return ShardIndex(members=members, by_bucket=by_bucket, data=None, path=path, bad_json=bad)
 
     def index(self, s: int) -> ShardIndex | None:
@@ -164,7 +162,8 @@ class ShardReader:
             return self._index[s]
         try:
             idx = self._open(s)
-        except (CorruptShard, tarfile.TarError, OSError, EOFError):
+        except (CorruptShard, TarReadError, OSError) as e:
+            log.warning("skipping corrupt shard %s: %s", self.catalog.names[s], e)
             self.verified[s] = False
             self.new_corrupt.append(self.catalog.names[s])
             return None
