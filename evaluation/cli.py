@@ -8,8 +8,9 @@ import sys
 
 def _eval(args: argparse.Namespace) -> int:
     """Run the suite on every ``--checkpoint``; print a metrics table and where the outputs are."""
-    from tessera.evaluation.suite import EvalSuiteConfig, run_suite
     from tessera.cli_args import load_from_args
+    from tessera.evaluation.config import EvalSuiteConfig
+    from tessera.evaluation.suite import run_suite
 
     cfg = load_from_args(EvalSuiteConfig, args)  # exits 0 after printing the config on --dry-run
     if not args.checkpoint:
@@ -42,7 +43,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m evaluation.cli eval ...`` (same as ``tessera eval ...``)."""
+    """Standalone entry: ``python -m tessera.evaluation.cli eval ...`` (same as ``tessera eval ...``)."""
     from tessera.config import ConfigError
     from tessera.log import setup_logging
 

@@ -13,8 +13,14 @@ from __future__ import annotations
 import logging
 import time
 
-from tessera.evaluation.suite import EvalSuiteConfig, MetricSet, resolve_spec
 from tessera.config import config_hash, to_dict
+from tessera.evaluation.config import EvalSuiteConfig, load_suite, resolve_spec
+from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
+from tessera.evaluation.images import PILSource
+from tessera.evaluation.metrics import ITEM_KEYS, MetricSet
+from tessera.evaluation.prompts import load_prompt_set
+from tessera.trainer.diffusion.sampling import SamplerConfig
+from tessera.trainer.grids import TrainHooks
 
 log = logging.getLogger("tessera.eval.in_training")
 
@@ -33,11 +39,6 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
                      tracker=None, *, sampler_cfg=None, size: tuple[int, int] | None = None,
                      prefix: str | None = None) -> dict:
     """Generate the suite's images from in-memory weights, compute its metrics, log them at ``step``."""
-    from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
-    from tessera.evaluation.images import PILSource
-    from tessera.evaluation.prompts import load_prompt_set
-    from tessera.trainer.diffusion.sampling import SamplerConfig
-
     suite_cfg.check()
     s = suite_cfg.sampling
     if size is None and (s.height is None or s.width is None):
@@ -63,7 +64,7 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
     prefix = prefix or f"eval/{suite_cfg.name}"
     if tracker is not None:
         tracker.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
-        cols = sorted({k for row in per_image for k in row if k not in ("prompt_idx", "sample_idx")})
+        cols = sorted({k for row in per_image for k in row if k not in ITEM_KEYS})
         rows = [[row["prompt_idx"], row["sample_idx"], prompts[row["prompt_idx"]],
                  images[index[(row["prompt_idx"], row["sample_idx"])]], *[row.get(c) for c in cols]]
                 for row in per_image[:suite_cfg.table_rows]]
@@ -75,12 +76,9 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
 
 def training_hooks(cfg):
     """The trainer's ``TrainHooks`` for a ``TrainJobConfig``: its ``eval`` suite run every ``eval.every_samples``."""
-    from tessera.config import load_config
-    from tessera.trainer.grids import TrainHooks
-
     if not cfg.eval.every_samples:
         return TrainHooks()
-    suite = load_config(EvalSuiteConfig, cfg.eval.suite, cfg.eval.overrides)
+    suite = load_suite(cfg.eval.suite, cfg.eval.overrides)
 
     def evaluate(model, text_encoder, autoencoder, step, tracker):
         return evaluate_weights(model, text_encoder, autoencoder, cfg.objective, suite, step, tracker,

@@ -171,6 +171,14 @@ def job_config(ckpt_url: str):
         return load_config(TrainJobConfig, p)
 
 
+def sampling_weights(kind: str, url: str, use_ema: bool = True) -> str:
+    """The weight file ``load_for_sampling`` reads, relative to ``url``: EMA when asked for and present, else raw."""
+    if kind == "export":
+        meta = C.read_json(storage.join(url, "tessera.json"))
+        return f"{'ema' if use_ema and 'ema' in meta['variants'] else 'raw'}/model.safetensors"
+    return "ema.safetensors" if use_ema and storage.exists(storage.join(url, "ema.safetensors")) else "model.safetensors"
+
+
 def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.device | None = None):
     """(model, text_encoder, autoencoder, objective_cfg, sampler_cfg, (h, w)) from a checkpoint or an export."""
     from tessera.trainer.models import load_pretrained
@@ -179,7 +187,7 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
     kind, url = resolve_checkpoint(checkpoint)
     if kind == "export":
         meta = json.loads(storage.read_text(storage.join(url, "tessera.json")))
-        variant = "ema" if use_ema and "ema" in meta["variants"] else "raw"
+        variant = sampling_weights(kind, url, use_ema).split("/")[0]
         with tempfile.TemporaryDirectory() as tmp:
             for u in storage.list_prefix(storage.join(url, variant) + "/"):
                 (Path(tmp) / Path(u).name).write_bytes(storage.read_bytes(u))
@@ -192,7 +200,7 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
         size = tuple(meta["sample_size"])
     else:
         cfg = job_config(url)
-        name = "ema.safetensors" if use_ema and storage.exists(storage.join(url, "ema.safetensors")) else "model.safetensors"
+        name = sampling_weights(kind, url, use_ema)
         model = model_from_weights(cfg.model, C.read_tensors(storage.join(url, name)), device)
         te_cfg, ae_cfg, obj_cfg, smp_cfg = cfg.text_encoder, cfg.autoencoder, cfg.objective, cfg.samples.sampler
         size = (cfg.samples.height, cfg.samples.width)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tessera.evaluation import generate as G
-from tessera.evaluation.suite import CheckpointInfo, EvalSuiteConfig, load_suite
+from tessera.evaluation.checkpoints import CheckpointInfo
+from tessera.evaluation.config import EvalSuiteConfig, load_suite
 from tessera.config import ConfigError, config_hash, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,6 +140,19 @@ def test_images_do_not_depend_on_batch_size_or_actor_layout(tmp_path, request):
     assert folder_bytes(f.url) == folder_bytes(ref.url)
 
 
+def test_metric_source_holds_exactly_the_suite_items(tmp_path):
+    from tessera.evaluation.suite import items_source
+
+    folder = G.ImageFolder(str(tmp_path / "gen"))
+    G.generate_missing(folder, ["a", "b", "c"], 3, 0, FakeFactory(), batch_size=4)  # an earlier, larger suite
+    items = G.work_items(2, 2)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    src = items_source(folder, items, scratch)
+    assert len(src) == 4 and not src.failures
+    assert [np.asarray(im).tobytes() for im in src] == [np.asarray(folder.read_image(it)).tobytes() for it in items]
+
+
 # --------------------------------------------------------------------------- the whole suite on a fake model
 
 
@@ -181,7 +195,7 @@ def fake_checkpoints(monkeypatch, tmp_path: Path, steps: list[int]) -> list[str]
                                        sampler={"name": "euler", "steps": 28, "cfg_scale": 4.5}, size=(32, 32),
                                        weights={f: str(d / f) for f in ("model.safetensors", "ema.safetensors")})
     monkeypatch.setattr(S, "checkpoint_info", lambda c: infos[c])
-    monkeypatch.setattr(G, "CheckpointFactory", FakeFactory)
+    monkeypatch.setattr(S, "CheckpointFactory", FakeFactory)
     return list(infos)
 
 
@@ -258,7 +272,7 @@ def test_suite_on_fake_model_writes_metrics_report_and_wandb(tmp_path, monkeypat
 
 
 def test_report_renders_single_checkpoint_without_plots(tmp_path, monkeypatch, reference_folder, stats_dir):
-    from tessera.evaluation.report import render_report, svg_line_plot
+    from tessera.evaluation.report import render_report
     from tessera.evaluation.suite import run_suite
 
     cfg = suite_config(tmp_path, reference_folder, stats_dir, **{"fid.enabled": "false", "kid.enabled": "false",
@@ -267,8 +281,6 @@ def test_report_renders_single_checkpoint_without_plots(tmp_path, monkeypatch, r
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<svg" not in page and page.count("<img") == 4 and "FID disabled" in page
     assert "reward/colorfulness" in page
-    svg = svg_line_plot([(0, 1.0), (10, 3.0), (5, float("nan"))], "fid <x>")
-    assert svg.count("<circle") == 2 and "fid &lt;x&gt;" in svg
     assert render_report(cfg, ["p"], []).startswith("<!doctype html>")
 
 
@@ -308,6 +320,25 @@ def make_tiny_run(root: Path, steps: tuple[int, ...] = (100, 200)) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     return make_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+def test_checkpoint_info_of_a_run_and_its_export(tiny_run, tmp_path):
+    from tessera.evaluation.checkpoints import checkpoint_info, unique_labels, weights_used
+    from tessera.trainer.export import export
+
+    ck = checkpoint_info(str(tiny_run))  # a run dir: its newest complete checkpoint
+    assert (ck.kind, ck.step, ck.samples, ck.size) == ("checkpoint", 200, 3200, (16, 16))
+    assert ck.url.endswith("step_000000200") and ck.sampler["steps"] == 4
+    assert sorted(ck.weights) == ["ema.safetensors", "model.safetensors"]
+    assert (weights_used(ck, True), weights_used(ck, False)) == ("ema.safetensors", "model.safetensors")
+
+    ex = checkpoint_info(export(ck.url, str(tmp_path / "export")))
+    assert (ex.kind, ex.step, ex.samples, ex.size, ex.sampler) == ("export", 200, 3200, (16, 16), ck.sampler)
+    assert sorted(ex.weights) == ["ema/model.safetensors", "raw/model.safetensors"]
+    assert (weights_used(ex, True), weights_used(ex, False)) == ("ema/model.safetensors", "raw/model.safetensors")
+    assert unique_labels([ck, ex]) == ["step_000000200", "export"]
+    # The same dir name twice: prefixed by the parent, then numbered when still equal.
+    assert unique_labels([ck, ex, ck]) == ["checkpoints-step_000000200", "export", "checkpoints-step_000000200-2"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,114 @@
+"""A suite's metrics: FID/KID against the reference set, CLIP score and rewards per image.
+
+``MetricSet`` loads the heavy parts (the FID network, the reference statistics, the CLIP model, the reward
+models) on first use and keeps them, so a suite over many checkpoints, or in-training evaluation every N
+samples, pays for them once; a metric the suite disables never loads its network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from tessera.evaluation.clip_score import cosine_similarities, load_clip
+from tessera.evaluation.config import EvalSuiteConfig
+from tessera.evaluation.fid import compute_fid_stats, frechet_distance
+from tessera.evaluation.inception import load_inception
+from tessera.evaluation.kid import kid
+from tessera.evaluation.rewards import build_reward
+from tessera.evaluation.stats_cache import StatsCache
+
+ITEM_KEYS = ("prompt_idx", "sample_idx")  # the per-image rows' identity columns; every other column is a score
+
+
+class MetricSet:
+    """The suite's metrics, with networks and reference statistics loaded once and reused."""
+
+    def __init__(self, cfg: EvalSuiteConfig) -> None:
+        self.cfg = cfg
+        self._net = self._ref = self._clip = None
+        self._scorers: list | None = None
+
+    def inception(self):
+        """The FID network, loaded on first use."""
+        if self._net is None:
+            device = None if self.cfg.fid.device == "auto" else self.cfg.fid.device
+            self._net = load_inception(self.cfg.fid.network, device)
+        return self._net
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+        """(mu, sigma, meta, description) of the reference set from the stats cache (features kept for KID)."""
+        if self._ref is None:
+            f = self.cfg.fid
+            mu, sigma, meta = compute_fid_stats(f.reference, self.inception(), f.batch_size, StatsCache(f.stats_cache),
+                                                keep_features=self.cfg.kid.enabled)
+            stats_sha = hashlib.sha256(np.ascontiguousarray(mu, np.float64).tobytes()
+                                       + np.ascontiguousarray(sigma, np.float64).tobytes()).hexdigest()
+            desc = {"source": f.reference, "n": meta["n"], "failures": meta["failures"], "cache_key": meta["key"],
+                    "cache": meta["cache"], "identity": meta["source"], "preprocess": meta["preprocess"],
+                    "network": meta["network"], "stats_sha256": stats_sha}
+            self._ref = (mu, sigma, meta, desc)
+        return self._ref
+
+    def scorers(self) -> list:
+        """[(metric name, reward)] for the configured rewards, built from the reward registry."""
+        if self._scorers is None:
+            self._scorers = [(f"reward/{r.name}", build_reward(r.name, dict(r.options))) for r in self.cfg.rewards]
+        return self._scorers
+
+    def clip(self):
+        """The CLIP-score model, loaded on first use."""
+        if self._clip is None:
+            self._clip = load_clip(self.cfg.clip_score.arch, self.cfg.clip_score.checkpoint)
+        return self._clip
+
+    def evaluate(self, source, items: list, get_image, prompts: list[str]) -> tuple[dict, list[dict], dict | None]:
+        """(metrics, per-image scores, reference description) for generated images.
+
+        ``source`` is an ``ImageSource`` over exactly the generated images (for FID/KID);
+        ``get_image(item)`` loads one image for the per-image scores.
+        """
+        metrics: dict[str, float] = {"n_images": len(items)}
+        ref_desc = self._fid_kid(source, metrics) if self.cfg.fid.enabled else None
+        per_image = [{"prompt_idx": p, "sample_idx": s} for p, s in items]
+        if self.cfg.clip_score.enabled or self.cfg.rewards:
+            self._score_images(items, get_image, prompts, per_image, metrics)
+        return metrics, per_image, ref_desc
+
+    def _score_images(self, items: list, get_image, prompts: list[str], per_image: list[dict], metrics: dict) -> None:
+        """CLIP score and rewards, a batch of images at a time: per-image columns and their means."""
+        want_clip = self.cfg.clip_score.enabled
+        cos_all: list[float] = []
+        bs = self.cfg.score_batch_size
+        for i in range(0, len(items), bs):
+            chunk = items[i:i + bs]
+            images, caps = [get_image(it) for it in chunk], [prompts[p] for p, _ in chunk]
+            if want_clip:
+                cos = cosine_similarities(images, caps, self.clip(), self.cfg.clip_score.batch_size).tolist()
+                cos_all.extend(cos)
+                for row, c in zip(per_image[i:i + bs], cos):
+                    row["clip_score"] = 100.0 * max(c, 0.0)
+            for name, scorer in self.scorers():
+                for row, v in zip(per_image[i:i + bs], scorer.score(images, caps)):
+                    row[name] = float(v)
+        if want_clip:  # torchmetrics' CLIPScore: max(100 * mean cos, 0)
+            metrics["clip_score"] = max(100.0 * sum(cos_all) / len(cos_all), 0.0)
+        for name, _ in self.scorers():
+            metrics[name] = sum(r[name] for r in per_image) / len(per_image)
+
+    def _fid_kid(self, source, metrics: dict) -> dict:
+        """FID (and KID) of the generated images against the reference; returns the reference description."""
+        mu_r, sig_r, meta_r, desc = self.reference()
+        mu_g, sig_g, meta_g = compute_fid_stats(source, self.inception(), self.cfg.fid.batch_size, None,
+                                                keep_features=self.cfg.kid.enabled)
+        if meta_g["failures"]:
+            metrics["generated_decode_failures"] = sum(meta_g["failures"].values())
+        metrics["fid"] = frechet_distance(mu_g, sig_g, mu_r, sig_r)
+        if self.cfg.kid.enabled:
+            k = self.cfg.kid
+            size = min(k.subset_size, len(meta_r["features"]), len(meta_g["features"]))
+            metrics["kid"], metrics["kid_std"] = kid(meta_r["features"], meta_g["features"], n_subsets=k.subsets,
+                                                     subset_size=size, seed=k.seed)
+            metrics["kid_subset_size"] = size
+        return desc
