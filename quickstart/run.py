@@ -324,8 +324,6 @@ def run_step0(paths: Paths, state: State, ev: QuickstartEvalConfig, cfg):
 
 def run_final(paths: Paths, state: State, ev: QuickstartEvalConfig, fid=None) -> None:
     """FID of the final checkpoint's EMA weights (redone when training continued since)."""
-    import torch
-
     from tessera.quickstart.evaluate import FID
     from tessera.trainer.inference import load_for_sampling
 
@@ -334,7 +332,7 @@ def run_final(paths: Paths, state: State, ev: QuickstartEvalConfig, fid=None) ->
         # The same held-out images as at step 0 (even if eval.yaml changed since); statistics from the disk cache.
         n = state.data["fid"].get("step0", {}).get("n", ev.fid_images)
         fid = fid or FID(paths.holdout, paths.eval / "fid_stats", n, ev.fid_batch_size, ev.seed)
-        model, te, ae, obj_cfg, smp_cfg, _ = load_for_sampling(ck["url"], use_ema=True, device=torch.device("cpu"))
+        model, te, ae, obj_cfg, smp_cfg, _ = load_for_sampling(ck["url"], use_ema=True)
         state.data["fid"]["final"] = {"step": ck["step"], "samples": ck["samples"],
                                       **fid(model, te, ae, smp_cfg, obj_cfg)}
         info.update(state.data["fid"]["final"])

@@ -30,10 +30,10 @@ def pick_dtype(requested: str = "auto", device=None):
 
 
 def dist_backend() -> str:
-    """NCCL on CUDA, gloo otherwise."""
+    """gloo for CPU tensors, plus NCCL for CUDA tensors when there are GPUs (one group, both device types)."""
     import torch
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def configure_deepspeed_accelerator() -> str:

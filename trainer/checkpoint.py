@@ -1,21 +1,24 @@
-"""Checkpoints: consolidated safetensors + JSON, atomic directories, a ``latest`` pointer, keep-last-K.
+"""Checkpoints on disk or S3: safetensors + JSON, atomic directories, a ``latest`` pointer, keep-last-K, and a
+background writer.
 
 Layout of ``<root>/step_000000123/``::
 
-    model.safetensors      full fp32 master weights (gathered from ZeRO partitions)
+    model.safetensors      full fp32 master weights (gathered on rank 0 from the ZeRO slices)
     optimizer.safetensors  Adam moments per parameter: exp_avg/<name>, exp_avg_sq/<name>
     ema.safetensors        EMA weights
-    trainer_state.json     counters, LR-scheduler state, world size, ZeRO stage, config hash
+    trainer_state.json     counters, Adam's step, world size, ZeRO stage, config hash
     loader/rank<R>.json    each rank's data-loader state
-    rng/rank<R>.json       python / numpy / torch / cuda RNG states
+    rng/rank<R>.json       python / numpy / torch / cuda RNG states of each rank
     config.yaml            the resolved config
     COMPLETE               written last: a directory without it is ignored
 
 Why our own format instead of ``engine.save_checkpoint``: DeepSpeed's files are pickles loaded with
-``weights_only=False``, and they are tied to the world size. Gathering full fp32 weights and Adam moments
-through DeepSpeed's ``safe_get_full_*`` API gives safetensors only (no unpickling, ever) that load back
-bit-exactly onto ANY world size and ZeRO stage via ``safe_set_full_*``. The cost is one all-reduce per
-parameter at save time, paid every N samples, not every step.
+``weights_only=False``, and they are tied to the world size. Full fp32 tensors in safetensors load onto ANY
+world size and ZeRO stage (each rank reads just its slices), and nothing is ever unpickled.
+
+Rank 0 writes the whole directory on a background thread (``AsyncWriter``): the training loop is blocked only
+while the state is gathered and copied to host memory; the files, fsyncs, the ``COMPLETE`` marker, the rename
+and ``latest`` follow while training goes on, and the next save first waits for the previous one.
 """
 
 from __future__ import annotations
@@ -23,16 +26,20 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from tessera import storage
 
@@ -40,137 +47,6 @@ log = logging.getLogger("tessera.checkpoint")
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d{9})$")
-
-
-# --------------------------------------------------------------------------- DeepSpeed state
-
-
-def _uses_hp_mapping(engine) -> bool:
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer under DeepSpeed's ZeRO/bf16 wrapper."""
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
-def _module_holds_master(engine) -> bool:
-    """True when the module's own parameters are the full fp32 master weights, bit for bit: ZeRO-0/1/2 in fp32,
-    where DeepSpeed copies each updated fp32 partition into the (same-dtype) module buffer and all-gathers it
-    after every step (tests/trainer/test_master_weights.py checks it on 2 ranks). Reading them then needs no
-    collective: the EMA update per step drops from one all-reduce per parameter to none (~20% of a small
-    model's CPU step time)."""
-    dtype_ok = not engine.bfloat16_enabled() and not engine.fp16_enabled()
-    return dtype_ok and engine.zero_optimization_stage() in (0, 1, 2)
-
-
-def full_fp32_params(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights by name; a collective call on every rank under ZeRO-3 or bf16."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    out = {}
-    gather = _uses_hp_mapping(engine) and not _module_holds_master(engine)
-    for name, p in engine.module.named_parameters():
-        if gather:
-            out[name] = safe_get_full_fp32_param(p).detach().to("cpu", torch.float32).clone()
-        else:
-            out[name] = p.detach().to("cpu", torch.float32).clone()
-    return out
-
-
-def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(weights, optimizer moments), full and fp32; collective on every rank."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    weights = full_fp32_params(engine)
-    for name, b in engine.module.named_buffers():
-        weights[f"buffer/{name}"] = b.detach().cpu().clone()
-    moments: dict[str, torch.Tensor] = {}
-    opt = base_optimizer(engine)
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        for key in ("exp_avg", "exp_avg_sq"):
-            if _uses_hp_mapping(engine):
-                t = safe_get_full_optimizer_state(p, key)
-            else:
-                t = opt.state.get(p, {}).get(key)
-            if t is not None:
-                moments[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).clone()
-    return weights, moments
-
-
-def adam_step(engine) -> int:
-    """The optimizer's own step count (DeepSpeed's global_steps also counts skipped steps)."""
-    for st in base_optimizer(engine).state.values():
-        if "step" in st:
-            return int(torch.as_tensor(st["step"]).item())
-    return 0
-
-
-def ensure_optimizer_state(engine) -> None:
-    """Create Adam's state (zeros, step 0) as torch's first step would, and let ZeRO link its fragments.
-
-    Optimizer state is created lazily at the first step; a checkpoint is loaded before that step.
-    """
-    opt = base_optimizer(engine)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    # ZeRO-3 swaps its flat fp32 partitions into param_groups only for the duration of a step.
-    params += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
-    for p in params:
-        st = opt.state[p]
-        st.setdefault("step", torch.tensor(0.0))
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in st:
-                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    zopt = engine.optimizer
-    if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
-        zopt._hp_optimizer_states_linked = False
-        zopt._lazy_init_hp_params_optimizer_state()
-
-
-def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], opt_steps: int) -> None:
-    """Load gathered weights and Adam moments into a DeepSpeed engine of any world size / ZeRO stage."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    ensure_optimizer_state(engine)
-    opt = base_optimizer(engine)
-    missing = [n for n, _ in engine.module.named_parameters() if n not in weights]
-    if missing:
-        raise KeyError(f"checkpoint lacks parameters: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, p in engine.module.named_parameters():
-        w = weights[name]
-        if _uses_hp_mapping(engine):
-            safe_set_full_fp32_param(p, w.to(p.device))
-            if not hasattr(p, "ds_id"):  # ZeRO-1/2 and bf16 keep a full low-precision copy in the module
-                with torch.no_grad():
-                    p.data.copy_(w.to(p.dtype))
-        else:
-            with torch.no_grad():
-                p.data.copy_(w)
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = moments.get(f"{key}/{name}")
-            if t is None:
-                continue
-            if _uses_hp_mapping(engine):
-                safe_set_full_optimizer_state(p, t.to(p.device), key)
-            else:
-                st = opt.state.setdefault(p, {})
-                st[key] = t.to(p.device).clone()
-                st.setdefault("step", torch.tensor(0.0))
-    for name, b in engine.module.named_buffers():
-        if f"buffer/{name}" in weights:
-            b.data.copy_(weights[f"buffer/{name}"])
-    # ZeRO-3 keeps the partitioned fp16/bf16 copies in sync from the fp32 master at the next step;
-    # for exactness we also refresh them now.
-    zopt = engine.optimizer
-    if hasattr(zopt, "_restore_from_bit16_weights") and hasattr(zopt, "fp32_partitioned_groups_flat"):
-        for fp16_part, fp32_part in zip(zopt.fp16_partitioned_groups_flat, zopt.fp32_partitioned_groups_flat):
-            fp16_part.data.copy_(fp32_part.data)
-    for st in opt.state.values():
-        if "step" in st:
-            st["step"] = torch.full_like(torch.as_tensor(st["step"], dtype=torch.float32), float(opt_steps))
 
 
 # --------------------------------------------------------------------------- RNG
@@ -200,7 +76,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
                                       for s in state["cuda"]])
 
 
-# --------------------------------------------------------------------------- directory management
+# --------------------------------------------------------------------------- files
+
+
+def write_tensors(url: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    """One safetensors file, fsynced; streamed from a local temp file to S3 (no second copy in memory)."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if not storage.is_s3(url):
+        path = storage.local_path(url)
+        save_file(tensors, str(path), metadata=meta or {})
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.safetensors"
+        save_file(tensors, str(path), metadata=meta or {})
+        with open(path, "rb") as src, storage.atomic_write(url) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def write_json(url: str, obj: Any) -> None:
+    """One JSON file, atomically."""
+    storage.write_text(url, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def read_tensors(url: str) -> dict[str, torch.Tensor]:
+    """Load a whole safetensors file (local or S3) onto the CPU."""
+    return st_load(storage.read_bytes(url))
+
+
+def read_json(url: str) -> Any:
+    """Load a JSON file (local or S3)."""
+    return json.loads(storage.read_text(url))
+
+
+class TensorFile:
+    """Tensors of one safetensors file read one at a time by name (an S3 object is copied to a temp file
+    first), so a rank restoring its slices never holds the whole file in memory."""
+
+    def __init__(self, url: str) -> None:
+        self._tmp = None
+        if storage.is_s3(url):
+            self._tmp = tempfile.NamedTemporaryFile(suffix=".safetensors")
+            with storage.open_read(url) as src:
+                shutil.copyfileobj(src, self._tmp, 8 << 20)
+            self._tmp.flush()
+            path = self._tmp.name
+        else:
+            path = str(storage.local_path(url))
+        self._f = safe_open(path, framework="pt", device="cpu")
+        self.url = url
+        self.names = set(self._f.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; KeyError naming the file when absent."""
+        if name not in self.names:
+            raise KeyError(f"{self.url} has no tensor {name!r}")
+        return self._f.get_tensor(name)
+
+    def maybe(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name``, or None when absent."""
+        return self._f.get_tensor(name) if name in self.names else None
+
+    def close(self) -> None:
+        """Release the file (and the temp copy of an S3 object)."""
+        self._f = None
+        if self._tmp is not None:
+            self._tmp.close()
+
+
+def is_checkpoint_dir(url: str) -> bool:
+    """True for a complete training checkpoint directory."""
+    return storage.exists(storage.join(url, COMPLETE))
 
 
 def step_dirname(step: int) -> str:
@@ -208,42 +155,37 @@ def step_dirname(step: int) -> str:
     return f"step_{step:09d}"
 
 
+# --------------------------------------------------------------------------- directories
+
+
 class CheckpointManager:
     """Writes and finds checkpoints under a local or ``s3://`` root."""
 
-    def __init__(self, root: str, keep_last: int = 3, rank: int = 0) -> None:
-        self.root, self.keep_last, self.rank = root, keep_last, rank
+    write_tensors = staticmethod(write_tensors)  # the file writers, for code that assembles a checkpoint by hand
+    write_json = staticmethod(write_json)
 
-    # -- writing ------------------------------------------------------------------------------
+    def __init__(self, root: str, keep_last: int = 3) -> None:
+        self.root, self.keep_last = root, keep_last
+
     def staging_url(self, step: int) -> str:
-        """Where a checkpoint is assembled: a ``.partial`` dir locally, the final prefix on S3."""
+        """Where a checkpoint is assembled: a ``.partial`` dir locally, the final prefix on S3 (whose
+        ``COMPLETE`` marker is written last)."""
         name = step_dirname(step)
         return storage.join(self.root, name if storage.is_s3(self.root) else name + ".partial")
 
     def prepare(self, step: int) -> str:
-        """Rank 0: clear a stale half-written staging dir; returns the staging url (call before a barrier)."""
+        """Clear a stale half-written staging dir of ``step``; returns the staging url."""
         url = self.staging_url(step)
-        if self.rank == 0:
-            if storage.is_s3(url):
-                for u in storage.list_prefix(url + "/"):
-                    storage.delete(u)
-            else:
-                shutil.rmtree(storage.local_path(url), ignore_errors=True)
-                storage.local_path(url).mkdir(parents=True)
+        if storage.is_s3(url):
+            for u in storage.list_prefix(url + "/"):
+                storage.delete(u)
+        else:
+            shutil.rmtree(storage.local_path(url), ignore_errors=True)
+            storage.local_path(url).mkdir(parents=True)
         return url
 
-    @staticmethod
-    def write_tensors(url: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-        """One safetensors file, atomically."""
-        storage.write_bytes(url, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta or {}))
-
-    @staticmethod
-    def write_json(url: str, obj: Any) -> None:
-        """One JSON file, atomically."""
-        storage.write_text(url, json.dumps(obj, indent=1, sort_keys=True))
-
     def commit(self, step: int) -> str:
-        """Rank 0, after every rank wrote its files: mark complete, rename, move ``latest``, prune."""
+        """After every file of ``step`` is written: mark complete, rename, move ``latest``, prune."""
         staging = self.staging_url(step)
         storage.write_text(storage.join(staging, COMPLETE), "ok\n")
         final = storage.join(self.root, step_dirname(step))
@@ -252,6 +194,7 @@ class CheckpointManager:
             if dst.exists():  # a retake of the same step (e.g. after a rollback) replaces the old one
                 shutil.rmtree(dst)
             storage.local_path(staging).rename(dst)
+            _fsync_dir(dst.parent)
         storage.write_text(storage.join(self.root, "latest"), step_dirname(step) + "\n")
         self._prune()
         log.info("checkpoint %s written", final)
@@ -260,20 +203,19 @@ class CheckpointManager:
     def _prune(self) -> None:
         steps = self.complete_steps()
         for s in steps[:-self.keep_last] if self.keep_last > 0 else []:
-            self._delete(storage.join(self.root, step_dirname(s)))
+            url = storage.join(self.root, step_dirname(s))
+            if storage.is_s3(url):
+                for u in storage.list_prefix(url + "/"):
+                    storage.delete(u)
+            else:
+                shutil.rmtree(storage.local_path(url), ignore_errors=True)
 
-    def _delete(self, url: str) -> None:
-        if storage.is_s3(url):
-            for u in storage.list_prefix(url + "/"):
-                storage.delete(u)
-        else:
-            shutil.rmtree(storage.local_path(url), ignore_errors=True)
-
-    # -- finding ------------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
         """Steps of every complete checkpoint, ascending; half-written ones are ignored."""
+        if not storage.is_s3(self.root) and not storage.exists(self.root):
+            return []
         steps = set()
-        for u in storage.list_prefix(self.root.rstrip("/") + "/") if storage.exists(self.root) or storage.is_s3(self.root) else []:
+        for u in storage.list_prefix(self.root.rstrip("/") + "/"):
             rel = u[len(self.root.rstrip("/")) + 1:].split("/")
             if len(rel) == 2 and rel[1] == COMPLETE and _STEP_RE.match(rel[0]):
                 steps.add(int(_STEP_RE.match(rel[0]).group(1)))
@@ -297,21 +239,42 @@ class CheckpointManager:
         return storage.join(self.root, step_dirname(steps[-1])) if steps else None
 
 
-def read_tensors(url: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (local or S3) onto the CPU."""
-    return st_load(storage.read_bytes(url))
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def read_json(url: str) -> Any:
-    """Load a JSON file (local or S3)."""
-    return json.loads(storage.read_text(url))
+class AsyncWriter:
+    """One background write at a time: ``submit`` waits for the previous write (re-raising its error), then
+    runs ``job`` on a new thread; ``wait`` blocks until the last write is done."""
 
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_step: int | None = None
 
-def is_checkpoint_dir(url: str) -> bool:
-    """True for a complete training checkpoint directory."""
-    return storage.exists(storage.join(url, COMPLETE))
+    def submit(self, step: int, job: Callable[[], None]) -> None:
+        """Start writing checkpoint ``step`` in the background."""
+        self.wait()
 
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # re-raised in the training thread by the next submit/wait
+                self._error = e
 
-def local_dir(url: str) -> Path:
-    """A local checkpoint directory as a Path."""
-    return storage.local_path(url)
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+        self.last_step = step
+
+    def wait(self) -> None:
+        """Block until the pending write is committed; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing checkpoint step {self.last_step} failed: {err}") from err

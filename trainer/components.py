@@ -1,15 +1,18 @@
-"""Building the frozen encoders and turning a loader batch into (x0, text condition)."""
+"""The frozen encoders, which of a dataset's precomputed caches fit them, and turning a loader batch into
+(x0, text condition)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tessera.trainer.autoencoders import build_autoencoder
-from tessera.trainer.text_encoders import TextEmbedding, build_text_encoder
+from tessera import storage
+from tessera.trainer.autoencoders import autoencoder_id, build_autoencoder
+from tessera.trainer.text_encoders import TextEmbedding, build_text_encoder, text_encoder_id
 
 log = logging.getLogger("tessera.components")
 
@@ -66,3 +69,26 @@ def batch_to_inputs(batch: dict, frozen: Frozen, device: torch.device, dtype: to
         on_the_fly["text_encoded"] = x0.shape[0]
     cond = TextEmbedding(cond.hidden.to(dtype), cond.mask, None if cond.pooled is None else cond.pooled.to(dtype))
     return x0, cond, on_the_fly
+
+
+def precomputed_ids(data_cfg, text_cfg, ae_cfg) -> dict[str, str | None]:
+    """``{text_encoder_id, autoencoder_id}`` of the configured encoders when the dataset carries their caches
+    (computed from configs and weight fingerprints: no encoder is loaded, and the config is not edited)."""
+    out: dict[str, str | None] = {"text_encoder_id": None, "autoencoder_id": None}
+    if not data_cfg.use_precomputed:
+        return out
+    manifest = json.loads(storage.read_text(storage.join(data_cfg.paths[0], "manifest.json")))
+    caches = manifest.get("caches") or {}
+    if data_cfg.text_encoder_id is None and caches.get("emb"):
+        tid = text_encoder_id(text_cfg)
+        if any(c.startswith(tid + ".") for c in caches["emb"]):
+            out["text_encoder_id"] = tid
+            log.info("using precomputed text embeddings %s", tid)
+        else:
+            log.warning("dataset has embeddings %s but not for %s: encoding captions on the fly", caches["emb"], tid)
+    if data_cfg.autoencoder_id is None and caches.get("latent"):
+        aid = autoencoder_id(ae_cfg)
+        if aid in caches["latent"]:
+            out["autoencoder_id"] = aid
+            log.info("using precomputed latents %s", aid)
+    return out

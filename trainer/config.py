@@ -13,6 +13,7 @@ from tessera.trainer.diffusion.objectives import ObjectiveConfig
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig
 from tessera.trainer.ema import EMAConfig
+from tessera.trainer.faults import DebugConfig
 from tessera.trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_model, config_class
 from tessera.trainer.text_encoders import TextEncoderConfig
 
@@ -65,16 +66,6 @@ class InTrainingEvalConfig:
     def __post_init__(self) -> None:
         if self.every_samples and not self.suite:
             raise ValueError("eval.every_samples needs eval.suite (a configs/eval/*.yaml file)")
-
-
-@dataclass(kw_only=True)
-class DebugConfig:
-    """Fault injection for tests and drills: non-finite loss/gradients at given optimizer steps."""
-
-    nan_loss_at_steps: list[int] = field(default_factory=list)
-    nan_grad_at_steps: list[int] = field(default_factory=list)
-    nan_rank: int = 0  # which rank is poisoned (-1: all)
-    record_keys: bool = False  # append each step's sample keys to <run>/keys/rank<R>.jsonl (data lineage audits)
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,9 @@
-"""Where this process sits in the job (torchrun / srun / deepspeed / Ray Train / one process) and the
-process group.
+"""Where this process sits in the job (torchrun / srun / deepspeed / Ray Train / one process), the process
+group, and the few collectives the loop itself makes.
+
+The group has a backend per device type (``cpu:gloo,cuda:nccl`` on GPUs), so a CPU tensor and a CUDA tensor
+can both take part in a collective; ``collective_device`` still puts the loop's per-step flags on the compute
+device, so that reading them costs one host sync after one small all-reduce.
 """
 
 from __future__ import annotations
@@ -8,7 +12,9 @@ import logging
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger("tessera.distributed")
@@ -55,7 +61,8 @@ def detect_env() -> DistEnv:
 
 
 def init_distributed(denv: DistEnv) -> None:
-    """Start the process group: NCCL on CUDA, gloo on CPU, with DeepSpeed's accelerator chosen by detection."""
+    """Start the process group (gloo for CPU tensors, plus NCCL for CUDA ones on GPUs), with DeepSpeed's
+    accelerator chosen by detection; a group started by the launcher (Ray Train) is reused."""
     from tessera.device import configure_deepspeed_accelerator, dist_backend
 
     configure_deepspeed_accelerator()
@@ -74,3 +81,60 @@ def barrier() -> None:
     """A barrier when running distributed."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def collective_device(backend: str, compute: torch.device) -> torch.device:
+    """Where the loop's collective tensors live: the compute device when the group has a backend for it, else
+    the device the group does support (a pure NCCL group, as Ray Train starts on GPUs, only takes CUDA tensors)."""
+    b = backend.lower()
+    if compute.type == "cuda" and "nccl" in b:
+        return compute
+    if "gloo" in b or "mpi" in b:
+        return torch.device("cpu")
+    if "nccl" in b:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return compute
+
+
+def all_reduce_sum(values: torch.Tensor) -> list[float]:
+    """Sum a small 1-D tensor over ranks in one all-reduce (in fp64, on its device); reading the result is the
+    one host sync."""
+    t = values.to(torch.float64)
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's small picklable ``obj`` (plain JSON-like data) on rank 0, in rank order; None elsewhere."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def shared_run_id(configured: str | None, make_new: Callable[[], str]) -> str:
+    """One run id for every rank: the configured one; else the launcher's job id (``TESSERA_RUN_ID``,
+    torchrun's ``TORCHELASTIC_RUN_ID``, ``SLURM_JOB_ID``), so a requeued job continues its run; else rank 0's
+    new id, broadcast (each rank making its own would split the run over several directories)."""
+    if configured:
+        return configured
+    env = os.environ
+    for key in ("TESSERA_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        if env.get(key) and env[key] != "none":
+            return f"slurm-{env[key]}" if key == "SLURM_JOB_ID" else env[key]
+    box = [make_new() if rank() == 0 else None]
+    if world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]

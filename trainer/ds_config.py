@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule; schedule lengths are counted in samples."""
+    """AdamW and its learning-rate schedule (``trainer/schedule.py``); schedule lengths are counted in samples."""
 
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -39,22 +39,16 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def wsd_lr(optim: OptimConfig, samples: int) -> float:
-    """The wsd learning rate of the step that brings the run to ``samples`` samples seen."""
-    if optim.warmup_samples and samples < optim.warmup_samples:
-        return optim.lr * samples / optim.warmup_samples
-    start = optim.decay_start_samples
-    if start is None or samples <= start:
-        return optim.lr
-    frac = min(1.0, (samples - start) / max(1, optim.decay_samples))
-    return optim.lr * (1.0 - frac * (1.0 - optim.min_lr_ratio))
-
-
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
-    """ZeRO stage, precision and offload."""
+    """ZeRO stage, precision and offload.
 
-    stage: Literal[0, 1, 2, 3] = 2
+    Stage 0 (plain data parallel) is not offered: the loop's non-finite guard relies on ZeRO's own overflow
+    check, which skips a step with a non-finite gradient norm on every rank alike; stage 1 costs the same
+    communication as stage 0 and less memory.
+    """
+
+    stage: Literal[1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA with bf16 support, else fp32
     offload_optimizer: bool = False
     offload_param: bool = False  # ZeRO-3 only
@@ -74,29 +68,17 @@ def resolve_precision(ds: DeepSpeedConfig, cuda: bool, bf16_ok: bool) -> str:
     return "bf16" if cuda and bf16_ok else "fp32"
 
 
-def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, world_size: int,
-                    total_steps: int, cuda: bool, bf16_ok: bool = False) -> dict[str, Any]:
-    """DeepSpeed's config dict for one run; ``total_steps`` counts optimizer steps."""
+def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, world_size: int, cuda: bool,
+                    bf16_ok: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config dict for one run. No ``scheduler``: the loop sets the lr of every optimizer step from
+    ``schedule.lr_at(samples)``, so a resumed run needs no scheduler state."""
     precision = resolve_precision(ds, cuda, bf16_ok)
     # torch's AdamW on CPU: FusedAdam needs a JIT build and drifts ~1e-7 across a resume (ENVIRONMENT.md).
     fused = cuda if ds.fused_adam == "auto" else ds.fused_adam == "on"
     overlap = cuda if ds.overlap_comm == "auto" else ds.overlap_comm == "on"
-    warmup_steps = optim.warmup_samples // max(1, micro_batch * world_size * optim.grad_accum)
-    # DeepSpeed's schedulers need warmup_num_steps >= 1; "no warmup" is a 1-step warmup starting at the peak.
-    start = 0.0 if warmup_steps else 1.0
-    if optim.schedule == "wsd":
-        scheduler = None  # the loop sets the lr from wsd_lr(samples) before every step
-    elif optim.schedule == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, warmup_steps + 1), "warmup_num_steps": max(warmup_steps, 1),
-            "warmup_min_ratio": start, "cos_min_ratio": optim.min_lr_ratio, "warmup_type": "linear"}}
-    else:
-        scheduler = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": optim.lr * start, "warmup_max_lr": optim.lr, "warmup_num_steps": max(warmup_steps, 1),
-            "warmup_type": "linear"}}
     zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": overlap, "contiguous_gradients": True,
                             "reduce_bucket_size": ds.reduce_bucket_size}
-    if ds.stage >= 1 and ds.offload_optimizer:
+    if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if ds.stage == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
@@ -117,7 +99,8 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # Offload on GPUs uses DeepSpeedCPUAdam (the fast path); on a CPU-only machine the states already live in
+        # host memory, so torch's AdamW serves and no CPU-Adam extension has to be compiled.
+        "zero_force_ds_cpu_optimizer": cuda,
     }
-    if scheduler is not None:
-        out["scheduler"] = scheduler
     return out

@@ -1,16 +1,19 @@
-"""Exponential moving average of the fp32 master weights, correct under every ZeRO stage.
+"""Exponential moving average of the fp32 master weights, kept on each rank's own ZeRO slice.
 
-The EMA reads the real full-precision weights: under ZeRO-3 or bf16 the module's own parameters are
-partitions or low-precision copies, so the update gathers the fp32 master weights through DeepSpeed
-(``checkpoint.full_fp32_params``, a collective). Every rank keeps the same full EMA, so sampling and
-saving need no further communication. ``update_every`` trades EMA resolution for that all-reduce.
+Each rank averages only the slice of the master weights it owns (``zero_state.Fragment``), on the device
+where DeepSpeed keeps it: an update is one fused lerp over local tensors, with no communication and 1/world
+of the memory. The full EMA is assembled on rank 0 only when it is saved or sampled. Slices are elementwise,
+so the result is bitwise the EMA of the full parameters (tests/trainer/test_ema_sharded.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from tessera.trainer.zero_state import Fragment, gather_to_rank0, scatter_from_full
 
 
 @dataclass(kw_only=True)
@@ -22,7 +25,7 @@ class EMAConfig:
     warmup: bool = True
     inv_gamma: float = 1.0
     power: float = 2 / 3
-    update_every: int = 1
+    update_every: int = 1  # optimizer steps between updates
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -39,28 +42,27 @@ def ema_decay(cfg: EMAConfig, step: int) -> float:
     return float(min(cfg.decay, max(0.0, ramp)))
 
 
-class EMA:
-    """Full fp32 EMA weights by parameter name."""
+class ShardedEMA:
+    """The EMA of this rank's slices of the master weights."""
 
-    def __init__(self, cfg: EMAConfig, weights: dict[str, torch.Tensor]) -> None:
-        self.cfg = cfg
-        self.shadow = {k: v.detach().to(torch.float32).clone() for k, v in weights.items()}
+    def __init__(self, cfg: EMAConfig, frags: list[Fragment]) -> None:
+        self.cfg, self.frags = cfg, frags
+        self.shadow = {f.name: f.view().detach().clone() for f in frags}  # name -> (numel,) fp32, device
 
     @torch.no_grad()
-    def update(self, weights: dict[str, torch.Tensor], step: int) -> float:
-        """shadow <- d * shadow + (1 - d) * weights; returns d."""
+    def update(self, step: int) -> float:
+        """shadow <- d * shadow + (1 - d) * master, on every local slice; returns d."""
         d = ema_decay(self.cfg, step)
-        for k, v in weights.items():
-            self.shadow[k].lerp_(v.to(torch.float32), 1.0 - d)
+        torch._foreach_lerp_(list(self.shadow.values()), [f.view() for f in self.frags], 1.0 - d)
         return d
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA tensors (for safetensors)."""
-        return self.shadow
+    def gather(self) -> dict[str, torch.Tensor]:
+        """Full EMA tensors on rank 0 ({} elsewhere); collective."""
+        return gather_to_rank0(self.frags, lambda f: self.shadow[f.name])
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Replace the EMA tensors."""
-        missing = set(self.shadow) - set(sd)
-        if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {k: sd[k].to(torch.float32).clone() for k in self.shadow}
+    def load_full(self, full: Callable[[str], torch.Tensor]) -> None:
+        """Take this rank's slices from full EMA tensors read by name."""
+        def write(f: Fragment, piece: torch.Tensor) -> None:
+            self.shadow[f.name].copy_(piece)
+
+        scatter_from_full(self.frags, full, write)

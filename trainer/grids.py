@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tessera import storage
-from tessera.trainer.checkpoint import full_fp32_params
+from tessera.trainer.zero_state import gather_to_rank0
 from tessera.trainer.inference import generate, make_grid, model_from_weights, png_bytes
 
 log = logging.getLogger("tessera.sample")
@@ -27,18 +27,17 @@ class TrainHooks:
     evaluate: EvalFn | None = None
 
 
-def _weights(ema, engine) -> dict:
+def _weights(ema, frags) -> dict:
     # Gathering is collective: every rank takes part even though only rank 0 samples.
-    return ema.state_dict() if ema is not None else full_fp32_params(engine)
+    return ema.gather() if ema is not None else gather_to_rank0(frags, lambda f: f.view())
 
 
-def log_sample_grid(cfg, ema, engine, frozen, tracker, run, step: int, rank: int) -> None:
+def log_sample_grid(cfg, ema, frags, frozen, tracker, run, step: int, rank: int, device) -> None:
     """Rank 0: sample the fixed prompts with the EMA (or raw) weights, save a PNG and log it to W&B."""
-    weights = _weights(ema, engine)
+    weights = _weights(ema, frags)
     if rank != 0:
         return
     sc = cfg.samples
-    device = next(engine.module.parameters()).device
     model = model_from_weights(cfg.model, weights, device)
     images = generate(model, frozen.text, frozen.ae, sc.sampler, cfg.objective, list(sc.prompts), height=sc.height,
                       width=sc.width, seed=sc.seed, device=device)
@@ -48,12 +47,11 @@ def log_sample_grid(cfg, ema, engine, frozen, tracker, run, step: int, rank: int
     log.info("sample grid for step %d written", step)
 
 
-def run_eval_hook(hooks: TrainHooks, cfg, ema, engine, frozen, tracker, step: int, rank: int) -> None:
+def run_eval_hook(hooks: TrainHooks, cfg, ema, frags, frozen, tracker, step: int, rank: int, device) -> None:
     """Rank 0: evaluate the EMA (or raw) weights through ``hooks.evaluate``."""
-    weights = _weights(ema, engine)
+    weights = _weights(ema, frags)
     if rank != 0:
         return
-    device = next(engine.module.parameters()).device
     model = model_from_weights(cfg.model, weights, device)
     metrics = hooks.evaluate(model, frozen.text, frozen.ae, step, tracker)
     log.info("in-training eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()

@@ -1,13 +1,14 @@
-"""Cross-rank step flags (non-finite loss, preemption request) and the preemption signal handler."""
+"""The loop's safety policies: preemption (SIGTERM/SIGUSR1 -> checkpoint, exit 75) and non-finite steps (skip
+everywhere, then roll back or stop after K in a row)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from tessera.trainer import train_state as TS
 
 log = logging.getLogger("tessera.guard")
 
@@ -32,9 +33,31 @@ class PreemptionFlag:
                     signal.Signals(signum).name, EXIT_PREEMPTED)
 
 
-def any_rank(*flags: bool, device: torch.device | None = None) -> list[bool]:
-    """OR of each flag over all ranks, in one all-reduce (MAX)."""
-    t = torch.tensor([float(f) for f in flags], device=device or torch.device("cpu"))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+def after_step(st: TS.TrainState, skipped: bool, reason: str, max_consecutive: int, on_nonfinite: str,
+               roll_back) -> None:
+    """Count a skipped step; after ``max_consecutive`` in a row roll back (``roll_back() -> bool``) or stop."""
+    if not skipped:
+        st.consecutive_skips = 0
+        return
+    st.skipped += 1
+    st.consecutive_skips += 1
+    log.warning("non-finite %s at step %d: step skipped on every rank (%d in a row)", reason, st.step,
+                st.consecutive_skips)
+    if st.consecutive_skips < max_consecutive:
+        return
+    if on_nonfinite == "stop" or not roll_back():
+        raise FloatingPointError(f"{st.consecutive_skips} consecutive non-finite steps at step {st.step}")
+
+
+def rollback(ckpt: TS.Checkpointer, engine, frags, ema, st: TS.TrainState) -> bool:
+    """Reload weights, optimizer and EMA from the newest checkpoint but keep moving forward through the data:
+    replaying the batches that blew up would likely blow up again."""
+    url = ckpt.resolve("auto")
+    if url is None:
+        return False
+    keep = dataclasses.replace(st)
+    TS.load(url, engine, frags, ema, None, st, restore_loader=False)
+    st.step, st.samples, st.skipped = keep.step, keep.samples, keep.skipped
+    st.consecutive_skips, st.rollbacks = 0, keep.rollbacks + 1
+    log.warning("rolled back weights and optimizer to %s (rollback #%d)", url, st.rollbacks)
+    return True

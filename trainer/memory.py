@@ -73,9 +73,9 @@ def report(cfg, world: int) -> str:
         if v:
             lines.append(f"  {k:<18} {v / gb:9.3f} GiB")
     total = sum(v for k, v in est.items() if k.startswith("device"))
-    if cfg.ema.enabled:  # Tessera's EMA keeps full fp32 weights on every rank (trainer/ema.py)
-        lines.append(f"  {'ema (fp32, full)':<18} {4 * n / gb:9.3f} GiB")
-        total += 4 * n
+    if cfg.ema.enabled:  # each rank keeps the EMA of its own ZeRO slice of the fp32 weights (trainer/ema.py)
+        lines.append(f"  {'ema (fp32, 1/world per rank)':<18} {4 * n / world / gb:9.3f} GiB")
+        total += 4 * n / world
     lines.append(f"  {'device total':<18} {total / gb:9.3f} GiB")
     if ds.stage >= 2:
         lines += ["", "DeepSpeed's estimator (CUDA-style, all offload variants):", deepspeed_estimate(n, largest, ds.stage, world)]

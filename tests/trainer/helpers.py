@@ -83,3 +83,64 @@ def make_tiny_checkpoint(tmp_path: Path, steps: int = 4) -> Path:
     if out.returncode != 0:
         raise RuntimeError(f"tiny training failed:\n{out.stderr[-4000:]}")
     return tmp_path / "runs" / "tiny"
+
+
+def check(out: subprocess.CompletedProcess) -> None:
+    """Assert a run succeeded, showing both ends of stderr (the first failing rank logs the cause first)."""
+    assert out.returncode == 0, out.stderr[:6000] + "\n...\n" + out.stderr[-3000:]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The logged loss of every step (a replayed step's last record wins)."""
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+def ckpt_dir(run_dir: Path, step: int) -> Path:
+    """The checkpoint directory of ``step`` in a run."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:09d}"
+
+
+def same_files(a: Path, b: Path, names=("model.safetensors", "ema.safetensors", "optimizer.safetensors")) -> None:
+    """Assert two checkpoints hold equal tensors (torch.equal) in each of ``names``."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in names:
+        x, y = load_file(Path(a) / name), load_file(Path(b) / name)
+        assert x.keys() == y.keys(), name
+        bad = [k for k in x if not torch.equal(x[k], y[k])]
+        assert not bad, f"{name} differs in {bad[:5]}"
+
+
+def start(cmd: list[str], **env_extra) -> subprocess.Popen:
+    """Start a run in its own process group (so a kill reaches every rank)."""
+    return subprocess.Popen(cmd, env=env(**env_extra), cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 600, poll: float = 0.05) -> None:
+    """Poll ``ready()`` until true; fail if the run ends first or the timeout passes."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def resumed_step(run_dir: Path) -> int | None:
+    """The step of the last 'resumed from ... at step N' line in rank 0's log."""
+    import re
+
+    found = re.findall(r"resumed from \S+ at step (\d+)", (Path(run_dir) / "logs" / "rank0.log").read_text())
+    return int(found[-1]) if found else None
+
+
+def metric_lines(run_dir: Path) -> int:
+    """Lines in metrics.jsonl (every run of the id appends)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    return len(p.read_text().splitlines()) if p.exists() else 0

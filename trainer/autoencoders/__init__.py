@@ -9,7 +9,7 @@ diffusers is imported only when a kl/dc autoencoder is built.
 """
 
 from tessera.trainer.autoencoders import dc, identity, kl  # noqa: F401  (registration)
-from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, build_autoencoder
+from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, autoencoder_id, build_autoencoder
 from tessera.trainer.autoencoders.configs import KL_PRESETS, AutoencoderConfig, DCConfig, IdentityConfig, KLConfig
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "DCConfig",
     "IdentityConfig",
     "KLConfig",
+    "autoencoder_id",
     "build_autoencoder",
 ]

@@ -33,6 +33,11 @@ class Autoencoder:
         self.device = device
         self.dtype = dtype
 
+    @classmethod
+    def config_id(cls, cfg: Any) -> str:
+        """The ``id`` an autoencoder built from ``cfg`` will have, from its config files only (no weights)."""
+        return cls.id  # pixel space: a class constant
+
     def modules(self) -> list[torch.nn.Module]:
         """The wrapped torch modules (frozen, eval); empty for pixel space."""
         return []
@@ -67,6 +72,11 @@ class Autoencoder:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def autoencoder_id(cfg: AutoencoderConfig) -> str:
+    """The ``id`` the autoencoder of ``cfg`` will have, without building it."""
+    return AUTOENCODERS.get(cfg.name).config_id(cfg.section())
 
 
 def build_autoencoder(name: str | AutoencoderConfig, cfg: Any = None) -> Autoencoder:

@@ -32,7 +32,18 @@ class DCAutoencoder(Autoencoder):
         self.scale = float(scale)
         self.latent_channels = self.vae.config.latent_channels
         self.downsample_factor = 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
-        self.id = diffusers_id("dc", cfg.path, cfg.subfolder, {"scale": self.scale})
+        self.id = self.config_id(cfg)
+
+    @classmethod
+    def config_id(cls, cfg) -> str:
+        """``dc-<name>-<hash>`` from the autoencoder's config.json and the weights' fingerprint (no weights)."""
+        import diffusers
+
+        kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
+        scale = cfg.scaling_factor
+        if scale is None:
+            scale = diffusers.AutoencoderDC.load_config(resolve_path(cfg.path), **kwargs)["scaling_factor"]
+        return diffusers_id("dc", cfg.path, cfg.subfolder, {"scale": float(scale)})
 
     def modules(self) -> list[torch.nn.Module]:
         """The autoencoder."""

@@ -7,6 +7,8 @@ scale/shift come from our config (explicit value, else a preset) and fall back t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from tessera.trainer.autoencoders.base import AUTOENCODERS, Autoencoder, diffusers_id
@@ -43,8 +45,17 @@ class KLAutoencoder(Autoencoder):
         self.scale, self.shift = resolve_scale_shift(cfg, self.vae.config)
         self.latent_channels = self.vae.config.latent_channels
         self.downsample_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        norm = {"scale": self.scale, "shift": self.shift, "posterior": cfg.posterior}
-        self.id = diffusers_id("kl", cfg.path, cfg.subfolder, norm)
+        self.id = self.config_id(cfg)
+
+    @classmethod
+    def config_id(cls, cfg: KLConfig) -> str:
+        """``kl-<name>-<hash>`` from the VAE's config.json and the weights' fingerprint (no weights loaded)."""
+        from diffusers import AutoencoderKL
+
+        kwargs = {"subfolder": cfg.subfolder} if cfg.subfolder else {}
+        vae_config = SimpleNamespace(**AutoencoderKL.load_config(resolve_path(cfg.path), **kwargs))
+        scale, shift = resolve_scale_shift(cfg, vae_config)
+        return diffusers_id("kl", cfg.path, cfg.subfolder, {"scale": scale, "shift": shift, "posterior": cfg.posterior})
 
     def modules(self) -> list[torch.nn.Module]:
         """The VAE."""

@@ -46,6 +46,7 @@ the rank's running totals. Trainer use::
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -63,14 +64,22 @@ COUNTERS = ("batches", "samples", "empty_batches", "variant_fallbacks", "partial
             "partial_bucket_samples_dropped")
 
 
-def _spec(cfg: LoaderConfig) -> SampleSpec:
+def _spec(cfg: LoaderConfig, text_encoder_id: str | None, autoencoder_id: str | None) -> SampleSpec:
     ratios = {k: v for k, v in cfg.caption_variants.items() if v > 0}
     total = sum(ratios.values())
     cum = list(np.cumsum([r / total for r in ratios.values()]))
     cum[-1] = 1.0
     fallback = cfg.variant_fallback_order or sorted(cfg.caption_variants, key=lambda v: -cfg.caption_variants[v])
     return SampleSpec(seed=cfg.seed, variants=list(ratios), cum_ratios=cum, fallback=list(fallback),
-                      text_encoder_id=cfg.text_encoder, autoencoder_id=cfg.autoencoder)
+                      text_encoder_id=cfg.text_encoder or (text_encoder_id if cfg.use_precomputed else None),
+                      autoencoder_id=cfg.autoencoder or (autoencoder_id if cfg.use_precomputed else None))
+
+
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: a scheduler signals every process of the job, and a worker killed
+    by it would crash the trainer that is finishing its step to checkpoint. The trainer stops its workers."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class _RankStream(IterableDataset):
@@ -128,12 +137,13 @@ class _RankStream(IterableDataset):
 class TrainLoader:
     """Iterable of batch dicts for one rank, with ``state_dict``/``load_state_dict``/``stats``."""
 
-    def __init__(self, cfg: LoaderConfig, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: LoaderConfig, rank: int, world_size: int, text_encoder_id: str | None = None,
+                 autoencoder_id: str | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.catalog = Catalog.load(cfg.paths)
-        self.spec = _spec(cfg)
+        self.spec = _spec(cfg, text_encoder_id, autoencoder_id)
         self.planner = self._planner(0, 0, np.zeros((0, 4), np.int64))
         self.segment = {"pos": 0, "skip": set(), "world": world_size, "rank": rank, "consumed": 0}
         self._stats: Counter = Counter()
@@ -157,7 +167,8 @@ class TrainLoader:
         workers = self.cfg.num_workers
         dl = DataLoader(_RankStream(self), batch_size=None, num_workers=workers,
                         prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        worker_init_fn=_ignore_preemption_signals if workers else None)
         for batch in dl:
             g = next(expected)[0]
             if batch["index"] != g:  # the DataLoader must hand out worker batches round-robin, in order
@@ -263,6 +274,8 @@ def merge_rank_states(states: list[dict]) -> dict:
     return out
 
 
-def build_loader(cfg: LoaderConfig, rank: int, world_size: int) -> TrainLoader:
-    """The loader of ``rank`` among ``world_size`` data-parallel ranks."""
-    return TrainLoader(cfg, rank, world_size)
+def build_loader(cfg: LoaderConfig, rank: int, world_size: int, text_encoder_id: str | None = None,
+                 autoencoder_id: str | None = None) -> TrainLoader:
+    """The loader of ``rank`` among ``world_size`` data-parallel ranks; batches carry the precomputed
+    embeddings/latents of the given encoder ids (``cfg.text_encoder_id``/``autoencoder_id`` win when set)."""
+    return TrainLoader(cfg, rank, world_size, text_encoder_id, autoencoder_id)

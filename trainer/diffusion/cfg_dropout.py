@@ -22,6 +22,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from tessera.trainer.diffusion import rng
+
 
 @dataclass(kw_only=True)
 class CFGDropoutConfig:
@@ -62,12 +64,11 @@ def drop_tensors(
     empty_hidden: torch.Tensor | None = None,
     empty_mask: torch.Tensor | None = None,
     empty_pooled: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: rng.Gen = None,
 ) -> DroppedCond:
     """Replace each sample's condition by the unconditional one with probability ``cfg.p``."""
     b = hidden.shape[0]
-    dev = generator.device if generator is not None else hidden.device
-    drop = (torch.rand(b, generator=generator, device=dev) < cfg.p).to(hidden.device)  # (B,)
+    drop = rng.rand(b, generator, hidden.device, torch.float32) < cfg.p  # (B,)
     if cfg.mode == "empty":
         if empty_hidden is None or empty_mask is None:
             raise ValueError("mode='empty' needs empty_hidden and empty_mask (the empty prompt's encoding)")
@@ -99,7 +100,7 @@ def _fit_length(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
 
 
 def drop_condition(
-    cfg: CFGDropoutConfig, cond: Any, empty: Any | None, generator: torch.Generator | None = None
+    cfg: CFGDropoutConfig, cond: Any, empty: Any | None, generator: rng.Gen = None
 ) -> tuple[Any, int]:
     """Dropout on an embedding object (``hidden``, ``mask``, ``pooled``); returns the new one and the count."""
     if cfg.p == 0.0:

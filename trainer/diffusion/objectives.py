@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from tessera.registry import Registry
-from tessera.trainer.diffusion import schedules
+from tessera.trainer.diffusion import rng, schedules
 from tessera.trainer.diffusion.schedules import BetaScheduleConfig
 from tessera.trainer.diffusion.weighting import min_snr_weight
 
@@ -45,16 +45,14 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
-def _randn(shape: tuple, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def _randn(shape: tuple, generator: rng.Gen, like: torch.Tensor) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (seeded), then moved next to ``like``."""
-    dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32).to(like.device, like.dtype)
+    return rng.randn(shape, generator, like.device).to(like.dtype)
 
 
-def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """(n,) uniform [0, 1) float64 from the generator, on ``device``."""
-    dev = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).to(device)
+def _rand(n: int, generator: rng.Gen, device: torch.device) -> torch.Tensor:
+    """(n,) uniform [0, 1) float64 from the generator(s), on ``device``."""
+    return rng.rand(n, generator, device)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -101,7 +99,7 @@ class DDPMObjective:
         a, s = self._coefs(t, x0)
         return a * eps - s * x0
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None):
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: rng.Gen = None):
         """Per-sample (optionally min-SNR weighted) MSE and t/(T-1), both (B,)."""
         b = x0.shape[0]
         t = (_rand(b, generator, x0.device) * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
@@ -178,7 +176,7 @@ class FlowObjective:
             return schedules.time_shift(flow_mu(c, image_shape), u)
         return schedules.shift_sigmas(u, c.shift) if c.shift != 1.0 else u
 
-    def sample_t(self, n: int, image_shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_t(self, n: int, image_shape: tuple[int, ...], generator: rng.Gen, device) -> torch.Tensor:
         """(n,) float64 noise levels: uniform or logit-normal, then shifted for this latent shape."""
         c = self.cfg
         u = _rand(n, generator, device)
@@ -197,7 +195,7 @@ class FlowObjective:
         """Velocity d x_t / d t = eps - x0."""
         return eps - x0
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None):
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: rng.Gen = None):
         """Per-sample MSE to the velocity and t, both (B,)."""
         t = self.sample_t(x0.shape[0], tuple(x0.shape), generator, x0.device)
         eps = _randn(tuple(x0.shape), generator, x0)
@@ -251,13 +249,12 @@ class EDMObjective:
         x = self.noise(x0, eps, sigma)
         return (x0 - _bcast(c_skip, x0) * x) / _bcast(c_out, x0)
 
-    def sample_sigma(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_sigma(self, n: int, generator: rng.Gen, device) -> torch.Tensor:
         """(n,) float64 sigma = exp(P_mean + P_std * N(0, 1))."""
-        dev = generator.device if generator is not None else device
-        z = torch.randn(n, generator=generator, device=dev, dtype=torch.float64).to(device)
+        z = rng.randn((n,), generator, device, torch.float64)
         return (self.cfg.p_mean + self.cfg.p_std * z).exp()
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None):
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, cond: Any, generator: rng.Gen = None):
         """Per-sample lambda(sigma)-weighted MSE of the denoiser and sigma^2/(sigma^2+sigma_data^2)."""
         sigma = self.sample_sigma(x0.shape[0], generator, x0.device)
         eps = _randn(tuple(x0.shape), generator, x0)

@@ -15,6 +15,7 @@ from tessera.trainer.text_encoders.base import (
     TextEncoder,
     build_text_encoder,
     ensure_one_valid,
+    text_encoder_id,
 )
 from tessera.trainer.text_encoders.configs import (
     SANA_INSTRUCTION,
@@ -42,6 +43,7 @@ __all__ = [
     "ConcatEncoderConfig",
     "build_text_encoder",
     "ensure_one_valid",
+    "text_encoder_id",
     "minilm_path",
     "resolve_device",
     "resolve_dtype",

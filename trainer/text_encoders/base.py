@@ -78,9 +78,14 @@ class TextEncoder:
         return self._id
 
     def _make_id(self) -> str:
-        cfg = self.cfg
+        return type(self).config_id(self.cfg)
+
+    @classmethod
+    def config_id(cls, cfg: Any) -> str:
+        """The id of an encoder built from ``cfg``, computed from the config and the weight files' fingerprint
+        without loading the weights (so a trainer can pick a dataset's cached embeddings first)."""
         payload = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_ID}
-        payload["kind"] = type(self).__name__
+        payload["kind"] = cls.__name__
         payload["weights"] = weights_fingerprint(resolve_path(cfg.path))
         slug = "minilm-l6" if cfg.path == "minilm" else cfg.path.rstrip("/").split("/")[-1]
         return stable_id(slug, payload)
@@ -114,6 +119,11 @@ def runtime_of(cfg: EncoderConfig) -> tuple[torch.device, torch.dtype]:
     """Resolve a config's ``device``/``dtype`` strings."""
     device = resolve_device(cfg.device)
     return device, resolve_dtype(cfg.dtype, device)
+
+
+def text_encoder_id(cfg: TextEncoderConfig) -> str:
+    """The ``id`` the encoder of ``cfg`` will have, without building it."""
+    return TEXT_ENCODERS.get(cfg.name).config_id(cfg.section())
 
 
 def build_text_encoder(name: str | TextEncoderConfig, cfg: Any = None) -> TextEncoder:

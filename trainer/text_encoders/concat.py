@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessera.trainer.text_encoders.base import TEXT_ENCODERS, TextEmbedding, TextEncoder, build_text_encoder
+from tessera.trainer.text_encoders.base import (TEXT_ENCODERS, TextEmbedding, TextEncoder, build_text_encoder,
+                                                 text_encoder_id)
 from tessera.trainer.text_encoders.configs import ConcatEncoderConfig
 from tessera.trainer.text_encoders.runtime import stable_id
 
@@ -69,8 +70,10 @@ class ConcatTextEncoder(TextEncoder):
         pooled = [e.pooled_size for e in self.channel + self.sequence if e.pooled_size is not None]
         self.pooled_size = sum(pooled) if pooled else None
 
-    def _make_id(self) -> str:
-        ids = {"channel": [e.id for e in self.channel], "sequence": [e.id for e in self.sequence]}
+    @classmethod
+    def config_id(cls, cfg: ConcatEncoderConfig) -> str:
+        """The members' ids, combined (no weights are loaded)."""
+        ids = {"channel": [text_encoder_id(c) for c in cfg.channel], "sequence": [text_encoder_id(c) for c in cfg.sequence]}
         return stable_id("concat", ids)
 
     def modules(self) -> list[torch.nn.Module]:

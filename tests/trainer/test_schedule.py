@@ -1,4 +1,5 @@
-"""The wsd learning-rate schedule, flow x-prediction, and the quickstart's decay sizing."""
+"""Learning-rate schedules and cadences as functions of samples seen, flow x-prediction, and the quickstart's
+decay sizing."""
 
 from __future__ import annotations
 
@@ -8,21 +9,39 @@ import torch
 from tessera.quickstart.run import decay_plan
 from tessera.trainer.diffusion.objectives import FlowObjective, FlowObjectiveConfig, ObjectiveConfig, flow_velocity
 from tessera.trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
-from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config, wsd_lr
+from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig, build_ds_config
+from tessera.trainer.schedule import crossed, lr_at
 
 
 def test_wsd_warms_up_holds_then_decays_linearly():
     o = OptimConfig(lr=1e-3, schedule="wsd", warmup_samples=100, decay_start_samples=1000, decay_samples=500,
                     min_lr_ratio=0.1)
-    assert wsd_lr(o, 50) == pytest.approx(5e-4)
-    assert wsd_lr(o, 100) == wsd_lr(o, 1000) == 1e-3
-    assert wsd_lr(o, 1250) == pytest.approx(1e-3 * (1 - 0.5 * 0.9))
-    assert wsd_lr(o, 1500) == wsd_lr(o, 10**9) == pytest.approx(1e-4)
-    assert wsd_lr(OptimConfig(lr=1e-3, schedule="wsd"), 10**9) == 1e-3  # no decay planned: stable
-    ds = build_ds_config(DeepSpeedConfig(), o, micro_batch=4, world_size=2, total_steps=10, cuda=False)
+    assert lr_at(o, 50, 10**9) == pytest.approx(5e-4)
+    assert lr_at(o, 100, 10**9) == lr_at(o, 1000, 10**9) == 1e-3
+    assert lr_at(o, 1250, 10**9) == pytest.approx(1e-3 * (1 - 0.5 * 0.9))
+    assert lr_at(o, 1500, 10**9) == lr_at(o, 10**9, 10**9) == pytest.approx(1e-4)
+    assert lr_at(OptimConfig(lr=1e-3, schedule="wsd"), 10**9, 10**9) == 1e-3  # no decay planned: stable
+    ds = build_ds_config(DeepSpeedConfig(), o, micro_batch=4, world_size=2, cuda=False)
     assert "scheduler" not in ds  # the loop sets the rate itself, from samples seen
     with pytest.raises(ValueError, match="min_lr_ratio"):
         OptimConfig(min_lr_ratio=1.5)
+
+
+def test_constant_and_cosine_with_warmup():
+    c = OptimConfig(lr=2e-3, warmup_samples=64)
+    assert [lr_at(c, s, 1000) for s in (16, 32, 64, 500, 1000)] == [5e-4, 1e-3, 2e-3, 2e-3, 2e-3]
+    cos = OptimConfig(lr=2e-3, warmup_samples=64, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(cos, 32, 1064) == pytest.approx(1e-3)
+    assert lr_at(cos, 64, 1064) == pytest.approx(2e-3)  # the peak, then half a cosine to the floor at the end
+    assert lr_at(cos, 564, 1064) == pytest.approx(2e-4 + 0.5 * 1.8e-3)
+    assert lr_at(cos, 1064, 1064) == lr_at(cos, 5000, 1064) == pytest.approx(2e-4)
+
+
+def test_crossed_fires_once_per_multiple():
+    fired = [s for s in range(8, 200, 8) if crossed(s, 8, 20)]
+    assert fired == [24, 40, 64, 80, 104, 120, 144, 160, 184]
+    assert not any(crossed(s, 8, 0) for s in range(8, 100, 8))  # 0: never
+    assert crossed(16, 16, 16) and not crossed(15, 15, 16)
 
 
 def test_x_prediction_converts_to_the_true_velocity():

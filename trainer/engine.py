@@ -1,0 +1,53 @@
+"""Setting up a training process: seeds, the DeepSpeed engine around a plain model, the frozen encoders' cache
+ids, and the per-sample generators every random draw of a step comes from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from tessera.trainer.ds_config import build_ds_config
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    """Seed python/numpy/torch per rank; in deterministic mode also pin kernels."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, optimizer step, sample key): a sample's draws depend on
+    nothing else, so a resumed run, another world size or another accumulation replays them exactly."""
+    gens = []
+    for key in keys:
+        h = hashlib.sha256(f"{seed}:{step}:{key}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1)))
+    return gens
+
+
+def build_engine(model: torch.nn.Module, cfg, world: int, device: torch.device):
+    """(DeepSpeed engine, compute dtype) for ``model`` under ``cfg.deepspeed``/``cfg.optim``; the lr is set by
+    the loop before every optimizer step (``schedule.lr_at``)."""
+    import deepspeed
+
+    ds_cfg = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.data.batch_size, world_size=world,
+                             cuda=device.type == "cuda",
+                             bf16_ok=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_cfg)
+    return engine, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

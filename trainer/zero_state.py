@@ -1,0 +1,188 @@
+"""Each rank's piece of the fp32 master weights and Adam moments under ZeRO 1/2/3: the one module that
+reads DeepSpeed's partitioning.
+
+A ``Fragment`` says which slice of a flattened parameter this rank owns (``start``, ``numel``) and gives a
+view of it in the fp32 master weights or in an Adam moment, on the device DeepSpeed keeps it:
+
+* ZeRO-1/2 and DeepSpeed's bf16 optimizer: ``param._hp_mapping`` (``lp_fragment_address``: where the slice
+  sits in the parameter; ``get_hp_fragment(key)``: the view). A rank owns no slice of some parameters.
+* ZeRO-3: ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state``: rank r owns elements
+  ``[r * n, (r + 1) * n)`` of the flattened parameter padded to ``world * n`` (``n = param.partition_numel()``).
+
+With fragments the EMA lives on each rank's own slice (no per-step gather), and a checkpoint is gathered to
+rank 0 only (one ``reduce`` per bucket of parameters: the other ranks never hold a full copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from tessera.trainer.distributed import world_size
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_BUCKET = 1 << 24  # elements per reduce when gathering (64 MB of fp32)
+
+
+@dataclass
+class Fragment:
+    """This rank's slice of one parameter."""
+
+    name: str
+    shape: torch.Size
+    start: int  # offset of the slice in the flattened parameter
+    numel: int  # elements of the slice; 0 when this rank owns none
+    _view: Callable[[str | None], torch.Tensor]
+
+    def view(self, key: str | None = None) -> torch.Tensor:
+        """The slice (1-D, fp32) in the master weights (``key=None``) or in Adam's ``key`` moment."""
+        return self._view(key)[: self.numel] if self.numel else torch.empty(0)
+
+    @property
+    def full_numel(self) -> int:
+        """Elements of the whole parameter."""
+        return int(torch.Size(self.shape).numel())
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO/bf16 wrapper."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def fragments(engine) -> list[Fragment]:
+    """This rank's slices of every trainable parameter, in ``named_parameters`` order."""
+    if engine.zero_optimization_stage() < 1:
+        raise ValueError("Tessera trains with ZeRO stage 1, 2 or 3")
+    out = []
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+            n = p.partition_numel()
+            start = rank * n
+            valid = max(0, min(n, p.ds_numel - start))
+            view = (lambda key, p=p: safe_get_local_fp32_param(p) if key is None
+                    else safe_get_local_optimizer_state(p, key))
+            out.append(Fragment(name, p.ds_shape, start, valid, view))
+        else:  # ZeRO-1/2, bf16 optimizer
+            m = p._hp_mapping
+            if m is None:
+                out.append(Fragment(name, p.shape, 0, 0, lambda key: torch.empty(0)))
+            else:
+                addr = m.lp_fragment_address
+                out.append(Fragment(name, p.shape, addr.start, addr.numel, lambda key, m=m: m.get_hp_fragment(key)))
+    return out
+
+
+def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors on rank 0 (CPU) from every rank's slices ``read(fragment)``; {} on other ranks.
+
+    Collective: every rank calls it with the same fragments. Slices are disjoint, so a SUM-reduce of
+    zero-filled buckets assembles each tensor exactly.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out: dict[str, torch.Tensor] = {}
+    device = next((read(f).device for f in frags if f.numel), torch.device("cpu"))
+    i = 0
+    while i < len(frags):
+        bucket, total = [], 0
+        while i < len(frags) and (not bucket or total + frags[i].full_numel <= _BUCKET):
+            bucket.append((frags[i], total))
+            total += frags[i].full_numel
+            i += 1
+        # When this rank owns every element no zero fill is needed, and with one rank no reduce; a CPU buffer is
+        # handed over as is (it is fresh), so a one-rank CPU save copies each tensor once.
+        covered = all(f.numel == f.full_numel for f, _ in bucket)
+        buf = (torch.empty if covered else torch.zeros)(total, dtype=torch.float32, device=device)
+        for f, off in bucket:
+            if f.numel:
+                buf[off + f.start: off + f.start + f.numel].copy_(read(f))
+        if world_size() > 1:
+            dist.reduce(buf, dst=0)
+        if rank == 0:
+            host = buf if buf.device.type == "cpu" else buf.to("cpu")
+            for f, off in bucket:
+                out[f.name] = host[off: off + f.full_numel].view(f.shape)
+    return out
+
+
+@torch.no_grad()
+def scatter_from_full(frags: list[Fragment], full: Callable[[str], torch.Tensor],
+                      write: Callable[[Fragment, torch.Tensor], None]) -> None:
+    """Give every slice its part of the full tensor ``full(name)`` (local, no communication)."""
+    for f in frags:
+        if f.numel:
+            write(f, full(f.name).reshape(-1)[f.start: f.start + f.numel])
+
+
+def ensure_optimizer_state(engine) -> None:
+    """Create Adam's state (zeros, step 0) as torch's first step would, and let ZeRO link its fragments.
+
+    Optimizer state is created lazily at the first step; a checkpoint is loaded before that step.
+    """
+    opt = base_optimizer(engine)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    # ZeRO-3 swaps its flat fp32 partitions into param_groups only for the duration of a step.
+    params += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    for p in params:
+        st = opt.state[p]
+        st.setdefault("step", torch.tensor(0.0))
+        for key in MOMENTS:
+            if key not in st:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    zopt = engine.optimizer
+    if hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link moment views on first use
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
+
+
+def adam_step(engine) -> int:
+    """The optimizer's own step count (DeepSpeed's global_steps also counts skipped steps)."""
+    for st in base_optimizer(engine).state.values():
+        if "step" in st:
+            return int(torch.as_tensor(st["step"]).item())
+    return 0
+
+
+def set_adam_step(engine, step: int) -> None:
+    """Set Adam's step count (bias correction) on every parameter group's state."""
+    for st in base_optimizer(engine).state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(torch.as_tensor(st["step"], dtype=torch.float32), float(step))
+
+
+@torch.no_grad()
+def restore(engine, weight: Callable[[str], torch.Tensor], moment: Callable[[str], torch.Tensor | None],
+            adam_steps: int) -> None:
+    """Load full fp32 weights and Adam moments (read one tensor at a time by name) into an engine of any world
+    size and ZeRO stage 1/2/3: each rank keeps only its own slices."""
+    ensure_optimizer_state(engine)
+    frags = {f.name: f for f in fragments(engine)}
+    for name, p in engine.module.named_parameters():
+        if name not in frags:
+            continue
+        full = weight(name)
+        f = frags[name]
+        if tuple(full.shape) != tuple(f.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, the model {tuple(f.shape)}")
+        flat = full.reshape(-1)
+        if f.numel:
+            f.view().copy_(flat[f.start: f.start + f.numel])
+        if not hasattr(p, "ds_id"):  # ZeRO-1/2 keep a full working copy in the module: start from the same bits
+            p.data.copy_(full.to(p.device, p.dtype))
+        for key in MOMENTS:
+            m = moment(f"{key}/{name}")
+            if m is not None and f.numel:
+                f.view(key).copy_(m.reshape(-1)[f.start: f.start + f.numel])
+    zopt = engine.optimizer
+    if hasattr(zopt, "fp32_partitioned_groups_flat"):  # ZeRO-3: working bit16 partitions <- restored fp32
+        for bit16, fp32 in zip(zopt.fp16_partitioned_groups_flat, zopt.fp32_partitioned_groups_flat):
+            bit16.data.copy_(fp32.data)
+    set_adam_step(engine, adam_steps)
