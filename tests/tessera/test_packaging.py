@@ -1,0 +1,62 @@
+"""A non-editable install works: the wheel holds every stage under the ``tessera`` namespace (no top-level
+``trainer``/``evaluation``/... modules) and the shipped configs, and its ``tessera`` command runs from any
+directory, resolving ``--config configs/...`` from the installed package data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(the wheel, the bin dir of a fresh venv where only that wheel is installed; dependencies are borrowed
+    from this venv's site-packages through a .pth line, which does not run this venv's editable finder)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wheel = next((tmp / "dist").glob("tessera-*.whl"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                          "--no-deps", "-q", str(wheel)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return wheel, venv / "bin"
+
+
+@pytest.mark.slow
+def test_wheel_installs_under_the_tessera_namespace_with_configs(installed):
+    wheel, _ = installed
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"tessera"}, tops  # no top-level trainer/...
+    assert "tessera/trainer/loop.py" in names and "tessera/evaluation/fid.py" in names
+    assert "tessera/configs/train/tiny_dit.yaml" in names and "tessera/configs/quickstart/train.yaml" in names
+    assert "tessera/evaluation/prompts_builtin.txt" in names
+
+
+@pytest.mark.slow
+def test_installed_command_runs_outside_the_repository(installed, tmp_path):
+    _, bin_dir = installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda *a: subprocess.run([str(bin_dir / "tessera"), *a], cwd=tmp_path, env=env, capture_output=True,
+                                    text=True, timeout=300)
+    out = run("--help")
+    assert out.returncode == 0 and "quickstart" in out.stdout and "train" in out.stdout, out.stderr[-2000:]
+    out = run("train", "--config", "configs/train/tiny_dit.yaml", "--dry-run", "optim.lr=3e-4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lr: 0.0003" in out.stdout
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import tessera.trainer.loop as m; print(m.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0 and str(bin_dir.parent) in where.stdout, where.stdout + where.stderr
