@@ -16,7 +16,8 @@ from tessera.config import ConfigError
 from tessera.registry import RegistryError
 
 # Order is the pipeline's order: data_pipeline -> recaption -> trainer -> evaluation -> cluster.
-_COMMAND_MODULES = ["tessera.data_pipeline.cli", "tessera.trainer.cli", "tessera.evaluation.cli", "tessera.quickstart.cli"]
+_COMMAND_MODULES = ["tessera.data_pipeline.cli", "tessera.trainer.cli", "tessera.evaluation.cli", "tessera.quickstart.cli",
+                    "tessera.cluster.cli"]
 
 
 def _train_hooks(cfg):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -28,7 +28,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    # A one-process run still opens a process group: MASTER_PORT lets two of them share a machine.
+    master_port: int = field(default_factory=lambda: int(os.environ.get("MASTER_PORT", 29500)))
     launcher: str = "single"
 
 

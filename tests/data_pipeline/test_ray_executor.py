@@ -102,7 +102,7 @@ def test_embedded_ray_binds_dashboard_to_loopback(monkeypatch):
     RayExecutor(RayConfig(num_cpus=3, object_store_memory_mb=100), max_retries=1)
     RayExecutor(RayConfig(address="ray://head:10001"), max_retries=1)
     assert calls == [
-        {"num_cpus": 3, "include_dashboard": False, "dashboard_host": "127.0.0.1", "object_store_memory": 100 * 2**20,
-         "_node_ip_address": "127.0.0.1", "log_to_driver": False},
+        {"address": "local", "num_cpus": 3, "include_dashboard": False, "dashboard_host": "127.0.0.1",
+         "object_store_memory": 100 * 2**20, "_node_ip_address": "127.0.0.1", "log_to_driver": False},
         {"address": "ray://head:10001", "log_to_driver": False},
     ]

@@ -1,0 +1,1 @@
+"""Cluster jobs: Slurm, Ray Jobs and Kubernetes backends against real schedulers."""

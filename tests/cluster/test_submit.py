@@ -1,0 +1,127 @@
+"""``tessera submit`` without a scheduler: argument parsing, config validation through the stage's own dry run,
+secrets refused by name, the cluster config, job records, and the small decisions (progress probes, Ray
+addresses, Ray Train exit codes)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tessera.cluster.config import ClusterConfig, load_cluster_config
+from tessera.cluster.ray_train import exit_code
+from tessera.cluster.records import Attempt, JobRecord, JobStore
+from tessera.cluster.secrets import SecretLeakError, check_clean, is_secret_name, submit_environment
+from tessera.cluster.stages import progress_paths, ray_address_overrides
+from tessera.cluster.submit import SubmitRequest, submit
+from tessera.config import ConfigError, from_dict
+from tests.cluster.conftest import ROOT, tessera
+from tests.trainer import helpers as H
+
+TINY = str(H.TINY_CONFIG)
+
+
+def test_secret_names_and_the_clean_submit_environment():
+    for name in ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
+                 "RAY_AUTH_TOKEN", "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS"):
+        assert is_secret_name(name), name
+    for name in ("TOKENIZERS_PARALLELISM", "PATH", "SLURM_CONF", "HF_HUB_OFFLINE", "KEYBOARD"):
+        assert not is_secret_name(name), name
+    env = {"PATH": "/bin", "WANDB_API_KEY": "k" * 40, "SLURM_CONF": "/etc/slurm.conf", "SLURM_JOB_ID": "7",
+           "SBATCH_PARTITION": "p", "SRUN_CPUS_PER_TASK": "2", "SALLOC_ACCOUNT": "a", "HOME": "/root"}
+    assert submit_environment(env) == {"PATH": "/bin", "SLURM_CONF": "/etc/slurm.conf", "HOME": "/root"}
+    with pytest.raises(SecretLeakError) as e:
+        check_clean({"job.sbatch": "echo " + "k" * 40}, env)
+    assert "WANDB_API_KEY" in str(e.value) and "k" * 40 not in str(e.value)
+    check_clean({"job.sbatch": "echo $WANDB_API_KEY"}, env)  # the name is fine, only the value is refused
+
+
+def test_cluster_config_is_strict_and_refuses_secrets_in_env(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("backend: slurm\nslurm: {partiton: gpu}\n")
+    with pytest.raises(ConfigError, match="partiton.*did you mean 'slurm.partition'"):
+        load_cluster_config(str(bad), [])
+    with pytest.raises(ConfigError, match="must not carry secrets.*WANDB_API_KEY"):
+        load_cluster_config(None, ["env={WANDB_API_KEY: x}"])
+    with pytest.raises(ConfigError, match="time must look like"):
+        load_cluster_config(None, ["resources.time=4h"])
+    cfg = load_cluster_config(str(ROOT / "configs/cluster/slurm.yaml"), ["resources.nodes=2", "slurm.partition=gpu"])
+    assert (cfg.resources.nodes, cfg.resources.gpus_per_node, cfg.slurm.partition) == (2, 8, "gpu")
+    for name in ("ray", "k8s"):
+        assert load_cluster_config(str(ROOT / f"configs/cluster/{name}.yaml"), []).backend == name
+
+
+def test_submit_parses_stage_words_overrides_and_options_in_any_order(tmp_path):
+    out = tessera("submit", "data", "ingest", "--config", "configs/data/tiny.yaml", "samples_per_shard=7",
+                  "--array", "2", f"cluster.state_dir={tmp_path}", "--partition", "cpu", "--dry-run",
+                  "cluster.slurm.array_overrides=['output=/d/part{index}']")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-1" in out.stdout and "#SBATCH --partition=cpu" in out.stdout
+    assert "tessera.cli data ingest --config" in out.stdout and '"output=/d/part${SLURM_ARRAY_TASK_ID}"' in out.stdout
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    bad = tessera("submit", "train", "--config", TINY, "optim.lrr=1e-3", "--dry-run", f"cluster.state_dir={tmp_path}")
+    assert bad.returncode == 2 and "'optim.lrr'" in bad.stderr and "'optim.lr'" in bad.stderr
+    assert tessera("submit", "--config", TINY, "--dry-run").returncode == 2  # no stage
+
+
+def test_a_secret_in_an_override_is_refused_by_name(tmp_path, monkeypatch):
+    value = "wandb-secret-" + "9" * 20
+    monkeypatch.setenv("WANDB_API_KEY", value)
+    req = SubmitRequest(stage=["train"], config=TINY, overrides=[f"tracking.name={value}",
+                                                                 f"cluster.state_dir={tmp_path}"], dry_run=True)
+    buf = io.StringIO()
+    with pytest.raises(SecretLeakError) as e:
+        submit(req, buf)
+    assert "WANDB_API_KEY" in str(e.value) and value not in str(e.value) and buf.getvalue() == ""
+
+
+def test_records_are_found_by_id_backend_id_or_prefix(tmp_path):
+    store = JobStore(tmp_path)
+    for i, bid in enumerate(("101", "102")):
+        rec = JobRecord(id=f"train-2026120{i}-000000-aaaaa{i}", backend="slurm", stage="train", backend_id=bid,
+                        attempts=[Attempt(n=0, backend_id=bid)])
+        store.create(rec, {"config.yaml": "a: 1\n"})
+    assert store.find("102").id.endswith("aaaaa1") and store.find("train-20261201").backend_id == "102"
+    with pytest.raises(ConfigError, match="ambiguous"):
+        store.find("train-2026")
+    with pytest.raises(ConfigError, match="no job"):
+        store.find("nope")
+    assert oct((tmp_path / store.all()[0].id / "record.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_progress_probes_and_ray_addresses_come_from_the_resolved_config():
+    run = {"run": {"root": "/r", "id": None}, "train": {"ckpt_root": None}}
+    assert progress_paths(run, "job-1") == ["/r/job-1/checkpoints/latest"]
+    assert progress_paths({"run": {"root": "s3://b/runs", "id": None}}, "job-1") == []  # not probeable from bash
+    assert progress_paths({"output": "/data/out", "ray": {"address": None}}, None) == ["/data/out"]
+    ingest = {"output": "/o", "ray": {"address": None, "num_cpus": None}, "dedup": {"exact": True}}
+    assert ray_address_overrides(ingest) == ["ray.address=auto"]
+    assert ray_address_overrides({"distribute": {"backend": "ray", "address": "ray://h:1"}}) == []  # user's own
+
+
+def test_ray_train_maps_a_workers_preemption_exit_to_75():
+    assert exit_code(None) == 0
+    try:
+        try:
+            raise SystemExit(75)
+        except SystemExit as inner:
+            raise RuntimeError("Training failed") from inner
+    except RuntimeError as e:
+        assert exit_code(e) == 75
+    assert exit_code(RuntimeError("worker raised\nSystemExit: 75")) == 75
+    assert exit_code(ValueError("boom")) == 1
+
+
+def test_stage_and_backend_combinations_that_cannot_work_are_refused():
+    from tessera.cluster.slurm import SlurmBackend
+    from tessera.cluster.spec import JobSpec
+
+    cfg = from_dict(ClusterConfig, {"resources": {"nodes": 2}}, "test")
+    spec = JobSpec(id="data-ingest-1", stage=["data", "ingest"], stage_args=[], cluster=cfg, job_dir=ROOT,
+                   submit_cwd="/")
+    with pytest.raises(ConfigError, match="only training stages span nodes"):
+        SlurmBackend().render(spec)
+    spec = JobSpec(id="train-1", stage=["train"], stage_args=[], cluster=from_dict(ClusterConfig, {}, "test"),
+                   job_dir=ROOT, submit_cwd="/", array=2)
+    with pytest.raises(ConfigError, match="--array is for data stages"):
+        SlurmBackend().render(spec)
