@@ -125,3 +125,28 @@ def test_secrets_never_reach_run_files(s3_bucket, tmp_path, monkeypatch):
     files["stdout"], files["stderr"] = out.stdout.encode(), out.stderr.encode()
     assert_no_canary(files)
     storage.configure(storage.StorageConfig())
+
+
+def test_wandb_goes_offline_by_itself_without_a_key(tmp_path):
+    """No WANDB_API_KEY, no netrc entry and no WANDB_MODE: the tracker picks offline mode on its own and writes an
+    offline run that `wandb sync` can upload."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"))
+    script = textwrap.dedent("""
+        import sys
+        from tessera.tracking import Run, RunConfig, Tracker, TrackingConfig
+        run = Run(RunConfig(root=sys.argv[1], id="auto"))
+        tr = Tracker(TrackingConfig(project="p"), run, {"lr": 0.1})
+        tr.log({"loss": 1.0}, step=1)
+        print("MODE", tr.mode)
+        print("SYNC", tr.sync_command())
+        tr.finish()
+        run.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "runs")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MODE offline" in out.stdout and "SYNC wandb sync" in out.stdout
+    assert list((tmp_path / "runs" / "auto" / "wandb").glob("offline-run-*-auto"))
