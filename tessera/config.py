@@ -13,12 +13,12 @@ import dataclasses
 import difflib
 import enum
 import hashlib
+import importlib.resources
 import json
 import types
 import typing
-import importlib.resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -73,6 +73,15 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Scalar types: how a YAML value is accepted (bool is not an int here, and an int is a valid float).
+_SCALARS: dict[type, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
 def _check(value: Any, tp: Any, key: str, source: str) -> Any:
     """Validate/coerce a YAML value against a declared type; raise ConfigError naming the key."""
     if tp is Any:
@@ -90,6 +99,10 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
             f"{source}: key '{key}' expects {type_name(tp)}, got {type(value).__name__} {value!r}"
         )
 
+    if tp in _SCALARS:
+        if not _SCALARS[tp](value):
+            raise bad()
+        return float(value) if tp is float else value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -101,23 +114,12 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
         try:
-            return tp(value)
+            return value if isinstance(value, tp) else tp(value)
         except ValueError:
             raise bad() from None
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        (et,) = get_args(tp)[:1] or (Any,)
-        out = [_check(v, et, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return out if origin is list else tuple(out)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        kt, vt = get_args(tp) or (Any, Any)
-        return {_check(k, kt, f"{key}.{k}", source): _check(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if origin in (list, tuple, dict):
+        return _check_container(value, tp, origin, key, source, bad)
     if origin in (Union, types.UnionType):
         tagged = _tagged_members(tp)
         if tagged:
@@ -128,25 +130,23 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         raise bad()
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise bad()
     return value
+
+
+def _check_container(value: Any, tp: Any, origin: Any, key: str, source: str, bad) -> Any:
+    """A list/tuple or dict value, each element checked against its declared type."""
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_check(k, kt, f"{key}.{k}", source): _check(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise bad()
+    (et,) = get_args(tp)[:1] or (Any,)
+    out = [_check(v, et, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    return out if origin is list else tuple(out)
 
 
 def _tagged_members(tp: Any) -> dict[str, type]:
