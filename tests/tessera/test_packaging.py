@@ -5,6 +5,7 @@ directory, resolving ``--config configs/...`` from the installed package data.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,16 @@ def installed(tmp_path_factory):
     """(the wheel, the bin dir of a fresh venv where only that wheel is installed; dependencies are borrowed
     from this venv's site-packages through a .pth line, which does not run this venv's editable finder)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of the source files: setuptools writes build/ and *.egg-info next to the sources.
+    src = tmp / "src"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     wheel = next((tmp / "dist").glob("tessera-*.whl"))
     venv = tmp / "venv"
