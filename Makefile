@@ -20,7 +20,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: test quickstart install apt-data clean-venv
+.PHONY: test quickstart install apt-data clean-venv bench
 
 install: $(STAMP)
 
@@ -52,6 +52,18 @@ apt-data:
 test: install
 	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The benchmarks (bench/*.py through bench/harness.py): each side >= 3 alternating runs, medians and spreads
+# printed, one JSON per script in bench/results/. About 12 minutes on the 2-core dev machine; run it on an
+# otherwise idle machine. (bench/recaption.py and bench/adherence.py take longer and are run by hand.)
+bench: install apt-data
+	OMP_NUM_THREADS=1 $(PY) bench/ingest_vs_img2dataset.py --images 2200 --processes 2 --threads 16
+	OMP_NUM_THREADS=1 $(PY) bench/ingest_profile.py
+	OMP_NUM_THREADS=1 $(PY) bench/ray_overhead.py
+	OMP_NUM_THREADS=1 $(PY) bench/loader.py
+	$(PY) bench/dit_step.py --threads 1
+	OMP_NUM_THREADS=2 $(PY) bench/frechet.py
+	OMP_NUM_THREADS=2 $(PY) bench/checkpoint.py
 
 quickstart: install apt-data
 	$(VENV)/bin/tessera quickstart $(QUICKSTART_ARGS)

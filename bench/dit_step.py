@@ -1,17 +1,16 @@
 """Time forward + backward + AdamW step: Tessera's DiT vs diffusers' PixArtTransformer2DModel.
 
 Both models get the same depth, width, heads, patch, token counts, batch, parameter count (checked)
-and optimizer (torch AdamW, default implementation for the device). The machine's
-speed drifts by about +-30%, so the two models are timed alternately (order flipped every repetition)
-and the medians are compared.
+and optimizer (torch AdamW, default implementation for the device). The machine's speed drifts, so
+through ``bench/harness.py`` the two models run alternately (diffusers, ours, diffusers, ...): each
+run is the mean ms/step over ``--steps`` steps, and the medians of ``--repeats`` runs are compared.
 
-    python bench/dit_step.py --steps 10 --dtype both
+    .venv/bin/python bench/dit_step.py --steps 4 --repeats 3 --threads 1 --dtype both
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -21,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Comparison, Report  # noqa: E402
 
 
 def build_ours(a: argparse.Namespace) -> torch.nn.Module:
@@ -71,36 +73,39 @@ def make_step(model, kind: str, a: argparse.Namespace, dtype: str):
     return step
 
 
-def timed(fn) -> float:
-    """Wall time of one call in ms."""
+def run_steps(step, n: int) -> float:
+    """Mean wall ms per step over ``n`` consecutive steps."""
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
-def run(a: argparse.Namespace, dtype: str) -> tuple[float, float]:
-    """Median ms per step for (ours, diffusers) under one dtype, alternating the two."""
+def compare(report: Report, a: argparse.Namespace, dtype: str) -> dict:
+    """One dtype: build both models, warm up, then alternate timed runs through the harness."""
     torch.manual_seed(0)
     models = {"ours": build_ours(a), "diffusers": build_diffusers(a)}
     sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if sizes["ours"] != sizes["diffusers"]:  # same architecture, so the same parameters
         raise SystemExit(f"models differ in size: {sizes}")
     steps = {k: make_step(m, k, a, dtype) for k, m in models.items()}
-    for _ in range(a.warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    for i in range(a.steps):
-        order = ["ours", "diffusers"] if i % 2 == 0 else ["diffusers", "ours"]
-        for k in order:
-            times[k].append(timed(steps[k]))
-    return statistics.median(times["ours"]), statistics.median(times["diffusers"])
+
+    def warmup() -> None:
+        for _ in range(a.warmup):
+            for fn in steps.values():
+                fn()
+
+    cmp = Comparison(name=f"DiT train step {dtype} ({sizes['ours'] / 1e6:.2f}M params)", metric="ms/step",
+                     higher_is_better=False, peer="diffusers PixArt")
+    peer, ours = (lambda: run_steps(steps["diffusers"], a.steps)), (lambda: run_steps(steps["ours"], a.steps))
+    return report.compare(cmp, peer, ours, repeats=a.repeats, warmup=warmup)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the comparison, print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per model (alternating)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--depth", type=int, default=4)
@@ -117,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtypes = ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]
-    print(f"depth={a.depth} width={a.width} heads={a.width // a.head_dim} patch={a.patch} batch={a.batch} "
-          f"latent={a.channels}x{a.size}x{a.size} text={a.text_len}x{a.text_dim} threads={torch.get_num_threads()}")
-    print(f"{'dtype':<6} {'ours ms':>9} {'diffusers ms':>13} {'ours/diffusers':>15}")
+    report = Report("dit_step", vars(a), ["torch", "diffusers"])
+    report.note("shape", f"depth={a.depth} width={a.width} heads={a.width // a.head_dim} patch={a.patch} "
+                         f"batch={a.batch} latent={a.channels}x{a.size}x{a.size} text={a.text_len}x{a.text_dim} "
+                         f"threads={torch.get_num_threads()}")
     for dt in dtypes:
-        ours, ref = run(a, dt)
-        print(f"{dt:<6} {ours:>9.1f} {ref:>13.1f} {ours / ref:>15.2f}", flush=True)
+        compare(report, a, dt)
+    report.write()
     return 0
 
 

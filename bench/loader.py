@@ -3,9 +3,9 @@
 Both read the same local shards with the same DataLoader worker count and batch size, decode JPEGs with
 PIL and convert them to float tensors in [-1, 1]. The plain loop is
 ``WebDataset(urls).decode("pil").to_tuple("jpg", "txt").map(to_uint8).batched(B).map(to_float)``: no verification,
-no bucketing, no order plan. Runs alternate (plain, ours, plain, ours, ...) because the machine is
-shared; the best run of each is compared, in wall-clock samples/s and in samples per CPU-second
-(this process plus its joined workers), which is steadier when other jobs load the CPU.
+no bucketing, no order plan. Through ``bench/harness.py`` the runs alternate (plain, ours, plain,
+ours, ...) and the medians of wall-clock samples/s are compared; each run also records samples per
+CPU-second (this process plus its joined workers), which is steadier when other jobs load the CPU.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/loader.py [--samples 3000] [--shards 12] [--workers 2]
         [--batch-size 32] [--repeats 3] [--data DIR]
@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Comparison, Report  # noqa: E402
 
 
 def plain_webdataset(data: str, workers: int, batch_size: int) -> int:
@@ -67,32 +70,37 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    data = args.data
-    if data is None:
-        from tests.trainer.data.dataset_factory import write_dataset
+    if args.data is not None:
+        return run(args, args.data)
+    from tests.trainer.data.dataset_factory import write_dataset
 
-        data = tempfile.mkdtemp(prefix="bench-loader-")
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as data:
         t = time.perf_counter()
         write_dataset(data, shards=args.shards, per_shard=args.samples // args.shards, smooth=True,
                       buckets={f"{args.size}x{args.size}": 1.0}, variants={"alt": 1.0})
         print(f"wrote {args.samples} samples in {args.shards} shards to {data} ({time.perf_counter() - t:.1f} s)")
-    runs: dict[str, list[float]] = {"webdataset": [], "tessera": []}
-    cpu: dict[str, list[float]] = {"webdataset": [], "tessera": []}
-    counts: dict[str, int] = {}
-    fns = {"webdataset": plain_webdataset, "tessera": tessera_loader}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
+        return run(args, data)
+
+
+def run(args: argparse.Namespace, data: str) -> None:
+    """Time both loaders alternately on ``data`` and write bench/results/loader.json."""
+    report = Report("loader", vars(args), ["torch", "webdataset", "pillow", "numpy"])
+
+    def timed(fn):
+        def run() -> tuple[float, dict]:
             t, c = time.perf_counter(), _cpu_seconds()
-            counts[name] = fn(data, args.workers, args.batch_size)
-            runs[name].append(counts[name] / (time.perf_counter() - t))
-            cpu[name].append(counts[name] / (_cpu_seconds() - c))
-    for name, r in runs.items():
-        print(f"{name:>10}: {max(r):8.1f} samples/s best  ({', '.join(f'{x:.1f}' for x in r)}); "
-              f"{max(cpu[name]):.1f} samples per CPU-second best; {counts[name]} samples")
-    print(f"ratio tessera/webdataset: wall best {max(runs['tessera']) / max(runs['webdataset']):.3f}, "
-          f"wall median {np.median(runs['tessera']) / np.median(runs['webdataset']):.3f}, "
-          f"per CPU-second {max(cpu['tessera']) / max(cpu['webdataset']):.3f}; "
-          f"workers={args.workers} batch={args.batch_size} torch threads={torch.get_num_threads()}")
+            n = fn(data, args.workers, args.batch_size)
+            wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+            return n / wall, {"samples": n, "seconds": round(wall, 3), "samples_per_cpu_s": round(n / cpu, 1)}
+        return run
+
+    cmp = Comparison(name=f"training loader, {args.samples} {args.size}px JPEGs, {args.workers} workers",
+                     metric="samples/s", higher_is_better=True, peer="webdataset")
+    result = report.compare(cmp, timed(plain_webdataset), timed(tessera_loader), repeats=args.repeats)
+    per_cpu = [np.median([d["samples_per_cpu_s"] for d in result[k]["details"]]) for k in ("peer_runs", "ours_runs")]
+    report.note("ratio_per_cpu_second", round(float(per_cpu[1] / per_cpu[0]), 3))
+    report.note("torch_threads", torch.get_num_threads())
+    report.write()
 
 
 def _cpu_seconds() -> float:

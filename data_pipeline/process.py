@@ -3,8 +3,9 @@
 Order (cheap checks first, so bad inputs cost as little as possible):
 fetch error -> caption (byte cap before decoding, UTF-8, empty) -> empty file -> sha256 ->
 header (not an image, decompression bomb) -> min side / aspect ratio on header dims -> bucket ->
-decode (JPEG draft) -> EXIF orientation -> 8-bit RGB on background -> pHash -> resize + centre crop
--> encode -> score filters (batched). Exact/near dedup across the run is decided by the driver.
+decode (JPEG: DCT-domain 1/2-1/8 scale) -> EXIF orientation -> 8-bit RGB on background -> resize +
+centre crop -> pHash of that bucketed image -> encode -> score filters (batched). Exact/near dedup
+across the run is decided by the driver.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 
 from tessera.data_pipeline import imageops
@@ -75,7 +77,7 @@ class _Staged:
     """A sample that passed the image stages, waiting for the (batched) score filters."""
 
     processed: Processed
-    image: Image.Image
+    image: np.ndarray  # (H, W, 3) uint8 RGB, the bucketed pixels that were encoded
 
 
 class SampleProcessor:
@@ -86,7 +88,7 @@ class SampleProcessor:
         self.table = bucket_table(cfg.buckets)
         self.background = tuple(cfg.background)
         self.filters = build_score_filters(cfg.score_filters) if scorers is None else list(scorers)
-        imageops.allow_pixels(cfg.max_pixels)
+        imageops.setup_worker(cfg.max_pixels)
 
     def process(self, raw: RawSample) -> Processed | Rejected:
         """Process one input; every bad input becomes Rejected(reason)."""
@@ -109,7 +111,8 @@ class SampleProcessor:
         name = flt.cfg.name
         items = [staged[i] for i in alive]
         try:
-            scores = flt.scorer.score([s.image for s in items], [s.processed.caption for s in items])
+            images = [Image.fromarray(s.image, "RGB") for s in items]
+            scores = flt.scorer.score(images, [s.processed.caption for s in items])
             if len(scores) != len(items):
                 raise RuntimeError(f"returned {len(scores)} scores for {len(items)} samples")
         except Exception as e:  # noqa: BLE001 - a scorer bug must not lose the batch silently
@@ -180,13 +183,13 @@ class SampleProcessor:
         if max(w, h) / min(w, h) > cfg.max_aspect:
             raise ImageReject("aspect_ratio", f"{w}x{h}, max aspect {cfg.max_aspect}")
         bucket = assign_bucket(w, h, self.table)
-        rgb = imageops.to_rgb(imageops.decode(img, imageops.cover_size(w, h, bucket)), self.background)
-        if not math.isclose(rgb.size[0] / rgb.size[1], w / h, rel_tol=0.05):
+        rgb = imageops.decode_rgb(data, img, imageops.cover_size(w, h, bucket), self.background)  # (H, W, 3)
+        if not math.isclose(rgb.shape[1] / rgb.shape[0], w / h, rel_tol=0.05):
             # Orientation only visible after decode (e.g. a PNG eXIf chunk after IDAT): re-bucket.
             w, h = h, w
             bucket = assign_bucket(w, h, self.table)
-        ph = phash(rgb)
-        out = imageops.resize_crop(rgb, bucket, cfg.resample)
+        out = imageops.resize_crop(rgb, bucket, cfg.resample)  # (bh, bw, 3)
+        ph = phash(out)  # of the pixels we store, and the small image: ~20x cheaper than the decoded one
         encoded = imageops.encode(out, cfg.image_format, cfg.quality)
         return _Staged(self._processed(raw, caption, encoded, (w, h), bucket, sha, ph), out)
 

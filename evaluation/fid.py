@@ -17,6 +17,7 @@ import logging
 from typing import Iterator
 
 import numpy as np
+import scipy.linalg
 import torch
 from PIL import Image
 
@@ -141,35 +142,38 @@ def compute_fid_stats(source, net: FIDInception | None = None, batch_size: int =
     return mu, sigma, meta
 
 
-def _trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> float:
-    """tr sqrt(S1 S2) for symmetric PSD S1, S2 (float64), via one symmetric eigenvalue problem.
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr sqrt(S1 S2) for symmetric PSD S1, S2 (float64): the sum of sqrt of the eigenvalues of S2 S1.
 
-    S1 S2 is similar to the symmetric PSD matrix B^T S2 B for any factor S1 = B B^T, so its
-    eigenvalues come from ``eigvalsh`` (no eigenvectors, no Schur form). B is the Cholesky factor
-    when S1 is positive definite (cheapest); a singular S1 (fewer samples than dimensions) falls
-    back to B = S1^(1/2) from ``eigh``. Tiny negative eigenvalues from round-off are clipped to 0.
+    With S1 = L L^T, S1 S2 is similar to the symmetric PSD L^T S2 L. LAPACK's generalized symmetric
+    eigensolver of type 2 (``A B x = lambda x``, A = S2, B = S1) forms exactly that matrix (``sygst``,
+    using its symmetry) and returns its eigenvalues without eigenvectors: no Schur form, no complex
+    arithmetic, and no general matrix products. A singular S1 (fewer samples than dimensions) has no
+    Cholesky factor; then B = S1^(1/2) from ``eigh`` gives the same similarity. Round-off can leave
+    tiny negative eigenvalues; they are clipped to 0.
     """
-    b, info = torch.linalg.cholesky_ex(s1)  # S1 = L L^T
-    if int(info) != 0:
-        w, v = torch.linalg.eigh(s1)
-        b = (v * w.clamp_min(0).sqrt()) @ v.T  # S1^(1/2), symmetric
-    m = b.T @ s2 @ b  # (D, D), symmetric PSD up to round-off
-    ev = torch.linalg.eigvalsh((m + m.T) / 2)
-    return float(ev.clamp_min(0).sqrt().sum())
+    try:
+        # driver "gv" (?sygv): values only via QR on the tridiagonal form; "gvd" measured slower here.
+        ev = scipy.linalg.eigh(s2, s1, type=2, eigvals_only=True, driver="gv", check_finite=False)
+    except np.linalg.LinAlgError:  # S1 not positive definite
+        w, v = scipy.linalg.eigh(s1, check_finite=False)
+        b = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^(1/2), symmetric
+        m = b @ s2 @ b  # (D, D), symmetric PSD up to round-off
+        ev = scipy.linalg.eigvalsh((m + m.T) / 2, check_finite=False)
+    return float(np.sqrt(np.clip(ev, 0, None)).sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance ||mu1-mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) in float64, symmetric-eigen form.
 
     Same value as pytorch-fid's ``calculate_frechet_distance`` (scipy ``sqrtm`` of the non-symmetric
-    product) without the general Schur decomposition; see ``_trace_sqrt_product``. Runs on the CPU
-    in float64 through torch's LAPACK, which was faster here than numpy's.
+    product) at 1/12 to 1/19 of its time on 2048-d statistics (bench/frechet.py); see ``_trace_sqrt_product``.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    tr_covmean = _trace_sqrt_product(torch.from_numpy(s1), torch.from_numpy(s2))
+    tr_covmean = _trace_sqrt_product(s1, s2)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tessera.data_pipeline.buckets import BucketConfig, assign_bucket, bucket_table
 from tessera.data_pipeline.phash import hamming, phash
@@ -87,35 +88,105 @@ def test_size_filters(size: tuple[int, int], reason: str | None) -> None:
         assert isinstance(out, Rejected) and out.reason == reason
 
 
-def test_draft_mode_used_for_large_jpeg() -> None:
+def _large_jpeg() -> bytes:
     small = Image.open(io.BytesIO(image_bytes((600, 400))))
     buf = io.BytesIO()
     small.resize((2400, 1600), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=85)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def test_draft_mode_used_for_large_jpeg() -> None:
+    data = _large_jpeg()
     out = SampleProcessor(ProcessConfig()).process(raw(data))
     assert isinstance(out, Processed) and out.meta["orig_size"] == [2400, 1600]
     # The decode stage drafts to the largest 1/2^k scale that still covers the bucket's cover size.
     from tessera.data_pipeline import imageops
 
-    img = imageops.decode(imageops.open_header(data, 10**8), imageops.cover_size(2400, 1600, (224, 320)))
+    target = imageops.cover_size(2400, 1600, (224, 320))
+    img = imageops.decode(imageops.open_header(data, 10**8), target)
     assert img.size == (600, 400)
+    # The libjpeg-turbo path decodes at the same scale to the same pixels as PIL's draft.
+    fast = imageops.decode_rgb(data, imageops.open_header(data, 10**8), target, (255, 255, 255))
+    assert fast.shape == (400, 600, 3) and fast.dtype == np.uint8
+    np.testing.assert_array_equal(fast, np.asarray(img.convert("RGB")))
 
 
-@pytest.mark.parametrize("size", [(378, 208), (400, 223), (411, 234), (1000, 999), (97, 389)])
-def test_resize_crop_exact_bucket_sizes(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_fast_jpeg_decode_matches_pil_with_exif_orientation(orientation: int, mode: str, monkeypatch) -> None:
+    from tessera.data_pipeline import imageops
+
+    img = Image.open(io.BytesIO(image_bytes((320, 200), seed=orientation))).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    pil = imageops.decode(imageops.open_header(data, 10**8), (64, 64)).convert("RGB")  # draft + exif_transpose
+    assert pil.size == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).reduce(2).size
+    header = imageops.open_header(data, 10**8)
+    assert imageops.exif_orientation(header) == orientation
+    monkeypatch.setattr(imageops, "decode", None)  # the PIL path must not be taken for these JPEGs
+    fast = imageops.decode_rgb(data, header, (64, 64), (255, 255, 255))  # (H, W, 3), drafted to 1/2
+    assert fast.shape[:2] == ((100, 160) if orientation < 5 else (160, 100))
+    np.testing.assert_array_equal(fast, np.asarray(pil))
+
+
+def test_corrupt_jpeg_falls_back_to_pil_for_the_reason() -> None:
+    from tessera.data_pipeline import imageops
+
+    data = image_bytes((640, 480))
+    cut = data[: len(data) // 2]
+    with pytest.raises(imageops.ImageReject) as e:
+        imageops.decode_rgb(cut, imageops.open_header(cut, 10**8), (128, 128), (255, 255, 255))
+    assert e.value.reason == "truncated_image"
+
+
+@pytest.mark.parametrize("size", [(378, 208), (400, 223), (411, 234), (1000, 999), (97, 389), (2000, 300)])
+@pytest.mark.parametrize("resample", ["lanczos", "area", "bicubic"])
+def test_resize_crop_exact_bucket_sizes(size: tuple[int, int], resample: str) -> None:
     # (378, 208) etc. are real openclipart sizes whose crop box once came out at x = -3e-14.
     from tessera.data_pipeline import imageops
 
     table = bucket_table(BucketConfig())
     bucket = assign_bucket(*size, table)
-    out = imageops.resize_crop(Image.new("RGB", size, (1, 2, 3)), bucket, "lanczos")
-    assert out.size == (bucket[1], bucket[0])
+    rgb = np.full((size[1], size[0], 3), (1, 2, 3), np.uint8)
+    out = imageops.resize_crop(rgb, bucket, resample)
+    assert out.shape == (bucket[0], bucket[1], 3) and out.dtype == np.uint8
+    assert (out == (1, 2, 3)).all()  # a flat image stays flat: no border or offset artefacts
+
+
+def test_area_crop_is_centred() -> None:
+    # A bright 2-pixel column exactly in the middle must land in the middle of the output.
+    from tessera.data_pipeline import imageops
+
+    rgb = np.zeros((300, 601, 3), np.uint8)
+    rgb[:, 299:302] = 255
+    out = imageops.resize_crop(rgb, (256, 256), "area")
+    profile = out[:, :, 0].mean(axis=0)  # (256,)
+    centre = (profile * np.arange(256)).sum() / profile.sum()
+    assert abs(centre - 127.5) < 0.5
 
 
 def test_resample_filters_all_work() -> None:
     for resample in ("lanczos", "area", "bicubic"):
         out = SampleProcessor(ProcessConfig(resample=resample)).process(raw(image_bytes((900, 700))))
         assert isinstance(out, Processed)
+
+
+def test_phash_is_the_dct_definition() -> None:
+    # 64 bits = the top-left 8x8 orthonormal DCT-II of the 32x32 area-averaged luma, above their median.
+    import cv2
+    from scipy.fft import dctn
+
+    rgb = np.asarray(Image.open(io.BytesIO(image_bytes((256, 256), seed=7))))
+    gray = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)  # (256, 256)
+    small = gray.reshape(32, 8, 32, 8).mean(axis=(1, 3))  # exact 8x8 block average
+    coeffs = dctn(small, type=2, norm="ortho")[:8, :8]
+    bits = (coeffs > np.median(coeffs)).ravel()
+    expected = int("".join("1" if b else "0" for b in bits), 2)
+    assert hamming(phash(rgb), expected) <= 2  # luma/area rounding to uint8 may flip a borderline bit
+    assert phash(rgb) == phash(Image.fromarray(rgb)) == phash(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
 
 
 def test_phash_near_duplicate_stability() -> None:
