@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Sequence
 
 from tessera.cli_args import add_config_args, load_from_args
 
@@ -58,8 +59,13 @@ def add_precompute_command(data_subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_precompute)
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``tessera data`` with its ``ingest``, ``precompute``, ``inspect`` and ``verify`` subcommands."""
+def add_commands(subparsers: argparse._SubParsersAction,
+                 data_commands: Sequence[Callable[[argparse._SubParsersAction], None]] = ()) -> None:
+    """Add ``tessera data`` with its ``ingest``, ``precompute``, ``inspect`` and ``verify`` subcommands.
+
+    ``data_commands`` add more subcommands to the group from layers above this one (``tessera.cli`` passes
+    ``recaption``'s), so the group is complete without ``data_pipeline`` importing them.
+    """
     data = subparsers.add_parser("data", help="ingest image-text pairs into shards; inspect and verify them")
     data.set_defaults(_group_parser=data)
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=type(data))
@@ -67,6 +73,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="sources -> processed, deduplicated, bucketed webdataset shards")
     add_config_args(p, required=True)
     p.set_defaults(func=_ingest)
+
+    for add in data_commands:
+        add(sub)
 
     add_precompute_command(sub)
 

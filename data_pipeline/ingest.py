@@ -159,7 +159,8 @@ def stage_partition(task: dict) -> dict:
                     keys.add(r.key)
                     writer.add_sample(sample_members(r.key, r.image, r.ext, r.caption, r.meta))
                     samples.append({"position": position, "key": r.key, "sha256": r.sha256, "phash": r.phash,
-                                    "bucket": r.bucket, "source_id": r.meta.get("source_id"), **_location(r.meta)})
+                                    "bucket": r.bucket, "source_id": r.meta.get("source_id"),
+                                    "captioned": bool(r.caption), **_location(r.meta)})
                 else:
                     rejects.append({"position": position, "source_id": r.source_id, "reason": r.reason,
                                     "detail": r.detail, **_location(r.meta)})
@@ -182,7 +183,7 @@ def finalize_partition(task: dict) -> dict:
     staged = read_json(_staging(out, n, ".hashes.json"))
     drops = {int(p): (reason, detail) for p, reason, detail in task["drops"]}
     by_key = {s["key"]: s for s in staged["samples"]}
-    rejects, written, buckets = list(staged["rejects"]), [], {}
+    rejects, written, buckets, uncaptioned = list(staged["rejects"]), [], {}, 0
     staged_tar = _staging(out, n, ".tar")
     with storage.open_read(staged_tar) as src, storage.atomic_write(shard_url(out, n, ".tar")) as f:
         writer = TarShardWriter(f)
@@ -196,6 +197,7 @@ def finalize_partition(task: dict) -> dict:
             writer.add_sample(sample.named())
             written.append(s["position"])
             buckets[s["bucket"]] = buckets.get(s["bucket"], 0) + 1
+            uncaptioned += not s.get("captioned", True)  # kept with an empty alt (process.require_caption: false)
         sha, nbytes = writer.close()
     check_shard_accounting(n, staged["input"], written, [r["position"] for r in rejects], len(staged["samples"]))
     write_rejects(_rejects_url(out, n), rejects)
@@ -206,6 +208,7 @@ def finalize_partition(task: dict) -> dict:
     stats = {
         "shard": f"shards/{n:05d}.tar", "index": n, "partition": task["partition"],
         "input": staged["input"], "written": len(written), "rejected": len(rejects),
+        "kept_without_caption": uncaptioned,
         "reasons": dict(sorted(reasons.items())), "buckets": dict(sorted(buckets.items())),
         "sha256": sha, "bytes": nbytes, "attempts": attempts,
         "retries": sum(max(0, v - 1) for v in attempts.values()),

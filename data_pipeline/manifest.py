@@ -72,6 +72,8 @@ def build_manifest(cfg: Any, stats: list[dict], wall_seconds: float) -> dict:
         "totals": totals,
         "reasons": dict(sorted(reasons.items())),
         "buckets": dict(sorted(buckets.items())),
+        # Written with an empty alt (process.require_caption: false), for `tessera data recaption` to caption.
+        "kept_without_caption": sum(s.get("kept_without_caption", 0) for s in stats),
         "retries": retries,
         "timing": {"wall_seconds": round(wall_seconds, 3), "task_seconds": round(stage_s, 3),
                    "samples_per_s": round(totals["input"] / max(wall_seconds, 1e-9), 2)},

@@ -32,7 +32,9 @@ class PrecomputeConfig:
     output: str  # a new dataset; never the source itself
     text_encoder: TextEncoderConfig = field(default_factory=_default_encoder)
     autoencoder: AutoencoderConfig | None = None  # None: no latents (e.g. a pixel-space model)
-    variants: list[str] = field(default_factory=lambda: ["alt"])  # caption variants; [] = every one present
+    # Caption variants to embed. []: every variant present, so `precompute` after `recaption` embeds the new
+    # captions too; a variant the source manifest declares (caption_variants) but a sample lacks is counted missing.
+    variants: list[str] = field(default_factory=list)
     batch_size: int = 64  # prompts (and images) per encoder call; also fixes the batching, hence the bytes
     store_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     trim_padding: bool = True  # store tokens up to the last valid one; the loader re-pads per batch
@@ -84,9 +86,10 @@ def attempts_dir(out: str, name: str) -> str:
 
 
 def plan_tasks(source_manifest: dict) -> list[dict]:
-    """One task per source shard, in manifest order."""
+    """One task per source shard, in manifest order, with the caption variants the source declares."""
+    declared = list(source_manifest.get("caption_variants") or [])
     return [{"name": s["name"], "index": i, "sha256": s["sha256"], "samples": s["samples"],
-             "input": s.get("input", s["samples"]), "buckets": s["buckets"]}
+             "input": s.get("input", s["samples"]), "buckets": s["buckets"], "variants": declared}
             for i, s in enumerate(source_manifest["shards"])]
 
 
@@ -120,6 +123,7 @@ def build_manifest(cfg: PrecomputeConfig, src: dict, src_sha: str, stats: list[d
         "lineage": {"source": cfg.source, "source_manifest_sha256": src_sha},
         "caches": {"emb": sorted(set(prev.get("emb", [])) | set(emb)),
                    "latent": sorted(set(prev.get("latent", [])) | set(latent))},
+        **({"caption_variants": src["caption_variants"]} if src.get("caption_variants") else {}),
         "precompute": {"samples": samples, "emb": emb, "latent": latent,
                        "missing_caption": _sum(stats, "missing_caption"),
                        "failed_latent": _sum(stats, "failed_latent"),

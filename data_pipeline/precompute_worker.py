@@ -139,8 +139,12 @@ class ShardEncoder:
                 for j, (i, _) in enumerate(batch):
                     out[i].append((f"{keys[i]}.latent.{self.ae.id}.safetensors", save({"latent": z[j].clone()})))
 
-    def _chunk(self, chunk: list[Sample], counts: dict) -> list[list[tuple[str, bytes]]]:
-        """One chunk of samples -> their new cache members (emb in variant order, then latent)."""
+    def _chunk(self, chunk: list[Sample], counts: dict, declared: list[str]) -> list[list[tuple[str, bytes]]]:
+        """One chunk of samples -> their new cache members (emb in variant order, then latent).
+
+        With ``variants: []`` each sample's own variants are embedded, plus ``declared`` ones (the source
+        manifest's ``caption_variants``) counted as missing where a sample lacks them.
+        """
         keys = [s.key for s in chunk]
         items, images = [], []
         for i, sample in enumerate(chunk):
@@ -150,7 +154,7 @@ class ShardEncoder:
             except (KeyError, ValueError, AttributeError):
                 captions = {}
                 counts["bad_json"] += 1
-            for v in self.cfg.variants or sorted(captions):
+            for v in self.cfg.variants or sorted(set(captions) | set(declared)):
                 text = captions.get(v)
                 if isinstance(text, str) and text.strip():
                     items.append((i, v, text))
@@ -187,7 +191,7 @@ class ShardEncoder:
             counts["seconds"]["verify"] = time.perf_counter() - t0
             writer = TarShardWriter(f)
             for chunk in _batched(iter_samples(src, name), cfg.batch_size):
-                for sample, new in zip(chunk, self._chunk(chunk, counts)):
+                for sample, new in zip(chunk, self._chunk(chunk, counts, task.get("variants", []))):
                     replaced = {n for n, _ in new}
                     writer.add_sample([m for m in sample.named() if m[0] not in replaced] + new)
                     for n, _ in new:

@@ -37,6 +37,9 @@ class ProcessConfig:
     max_pixels: int = 89_478_485  # header-claimed W*H above this -> decompression_bomb (PIL's default)
     caption_max_bytes: int = 4096  # checked on the raw bytes, before any decoding
     min_caption_chars: int = 1  # after stripping whitespace; 0 chars is always caption_empty
+    # False: an image whose caption is missing, empty or too short is kept with an empty alt (counted as
+    # kept_without_caption) for `tessera data recaption` to caption; training never uses an empty caption.
+    require_caption: bool = True
     buckets: BucketConfig = field(default_factory=BucketConfig)
     image_format: Literal["jpg", "webp", "png"] = "jpg"
     quality: int = 90
@@ -147,8 +150,10 @@ class SampleProcessor:
             return Rejected(raw.source_id, "process_error", f"{type(e).__name__}: {e}", location)
 
     def _caption(self, caption: bytes | str | None) -> str:
-        """Byte cap, strict UTF-8 decode, whitespace strip."""
+        """Byte cap, strict UTF-8 decode, whitespace strip; "" for an unusable caption when none is required."""
         if caption is None:
+            if not self.cfg.require_caption:
+                return ""
             raise ImageReject("caption_missing")
         if isinstance(caption, str):
             # Already text: measure its UTF-8 size without keeping the copy beyond the check.
@@ -163,6 +168,8 @@ class SampleProcessor:
             except UnicodeDecodeError as e:
                 raise ImageReject("caption_not_utf8", str(e)) from None
         text = caption.strip()
+        if len(text) < max(1, self.cfg.min_caption_chars) and not self.cfg.require_caption:
+            return ""
         if not text:
             raise ImageReject("caption_empty")
         if len(text) < self.cfg.min_caption_chars:

@@ -27,8 +27,16 @@ def _train_hooks(cfg):
     return training_hooks(cfg)
 
 
+def _recaption_command(data_subparsers) -> None:
+    """``tessera data recaption`` joins the ``data`` group; ``data_pipeline`` sits below ``recaption``."""
+    from tessera.recaption.cli import add_recaption_command
+
+    add_recaption_command(data_subparsers)
+
+
 # Keyword arguments a stage's ``add_commands`` takes from the top of the graph.
-_WIRING = {"tessera.trainer.cli": {"make_hooks": _train_hooks}}
+_WIRING = {"tessera.trainer.cli": {"make_hooks": _train_hooks},
+           "tessera.data_pipeline.cli": {"data_commands": [_recaption_command]}}
 
 EXIT_USAGE = 2
 

@@ -92,3 +92,53 @@ def test_verify_reports_truncated_and_missing_shards(copy, capsys):
 def test_inspect_without_manifest_says_the_ingest_did_not_finish(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not finish"):
         main(["data", "inspect", str(tmp_path)])
+
+
+def _variant_rows(text: str) -> dict[str, list[str]]:
+    """The per-variant table of ``inspect``: variant -> its columns."""
+    lines = text.split("caption variants (", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return {ln.split()[0]: ln.split() for ln in lines}
+
+
+def test_inspect_shows_each_caption_variant_in_tokens_with_examples(dataset, capsys):
+    from tessera.data_pipeline.inspect_verify import token_counter
+
+    assert main(["data", "inspect", str(dataset), "--captions", "2"]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(d) for p in sorted((dataset / "shards").glob("*.tar")) for n, d in _members(p)
+               if n.endswith(".json")]
+    total = len(records)
+    assert f"caption variants ({total} of {total} samples scanned; lengths in minilm tokens):" in out
+    count = token_counter("minilm")
+    rows = _variant_rows(out)
+    assert set(rows) == {"alt", "name"}
+    for v in ("alt", "name"):
+        n = sorted(count([r["captions"][v] for r in records]))
+        assert rows[v][1:4] == [str(total), "0", f"{sum(n) / len(n):.1f}"] and rows[v][6] == str(n[-1])
+    first = records[0]
+    assert f"{first['key']} alt          {first['captions']['alt']!r}" in out
+    assert f"name         {first['captions']['name']!r}" in out
+
+
+def test_inspect_shows_recaption_verdicts_and_drops(dataset, tmp_path, capsys):
+    from tessera.recaption.config import RecaptionConfig
+    from tessera.recaption.run import run_recaption
+
+    out = tmp_path / "rc"
+    run_recaption(from_dict(RecaptionConfig, {
+        "source": str(dataset), "output": str(out), "executor": "local",
+        "captioners": [{"name": "attributes", "variant": "attributes"}],
+        "filters": {"max_tokens": 20, "reject": ["too_long"]}}, "test"))
+    records = [json.loads(d) for p in sorted((out / "shards").glob("*.tar")) for n, d in _members(p)
+               if n.endswith(".json")]
+    dropped, kept = sum(not r["caption_meta"]["attributes"]["kept"] for r in records), len(records)
+    kept -= dropped
+    assert 0 < dropped < kept
+    assert main(["data", "inspect", str(out)]) == 0
+    row = " ".join(_variant_rows(capsys.readouterr().out)["attributes"])
+    assert row.startswith(f"attributes {kept} 0 ") and row.endswith(f"ok {kept}, too_long {dropped}; dropped {dropped}")
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(i.name, tar.extractfile(i).read()) for i in tar]

@@ -179,8 +179,8 @@ from tests.data_pipeline.test_precompute import make_cfg
 source, out, ready = sys.argv[1:]
 real_chunk = ShardEncoder._chunk
 
-def chunk_then_hang(self, chunk, counts):  # the third shard's first chunk hangs until the kill -9
-    new = real_chunk(self, chunk, counts)
+def chunk_then_hang(self, chunk, counts, declared):  # the third shard's first chunk hangs until the kill -9
+    new = real_chunk(self, chunk, counts, declared)
     if pathlib.Path(out, "shards", "00001.stats.json").exists():
         pathlib.Path(ready).touch()
         time.sleep(600)
@@ -324,8 +324,9 @@ def test_second_encoder_keeps_the_first_caches(minilm_out, tmp_path):
     out = tmp_path / "ds2"
     cfg = from_dict(PrecomputeConfig, {
         "source": str(first), "output": str(out), "executor": "local", "batch_size": 16, "store_dtype": "bf16",
+        "variants": ["alt"],
         "text_encoder": {"name": "hf_encoder", "hf_encoder": {"path": str(tmp_path / "tiny"), "max_length": 16}},
-    }, "test")  # default variants: [alt]; no autoencoder
+    }, "test")  # no autoencoder
     m2 = run_precompute(cfg)
     t1, t2 = m1["precompute"]["text_encoder"], m2["precompute"]["text_encoder"]
     assert t1 != t2
@@ -337,3 +338,19 @@ def test_second_encoder_keeps_the_first_caches(minilm_out, tmp_path):
         tiny = [load_st(d) for n, d in after.items() if f".emb.{t2}.alt." in n]
         assert len(tiny) == s["samples"] and all(t["hidden"].dtype == torch.bfloat16 for t in tiny)
         assert all(t["hidden"].shape[1] == 32 and t["hidden"].shape[0] <= 16 for t in tiny)
+
+
+def test_default_embeds_every_variant_present_and_counts_declared_ones_missing(source_ds, minilm_out, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source_ds, src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["caption_variants"] = ["alt", "vlm_long"]  # as a recaption declares the variants it wrote
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    cfg = from_dict(PrecomputeConfig, {"source": str(src), "output": str(tmp_path / "out"), "text_encoder": MINILM,
+                                       "executor": "local", "batch_size": 16}, "test")
+    assert cfg.variants == []  # the default: `precompute` after `recaption` embeds the new variants unasked
+    m = run_precompute(cfg)
+    tid, n = m["precompute"]["text_encoder"], m["totals"]["written"]
+    assert m["precompute"]["emb"] == {f"{tid}.alt": n, f"{tid}.name": n}  # name: present in every sample
+    assert m["precompute"]["missing_caption"] == {"vlm_long": n}  # declared, absent: counted
+    assert m["caption_variants"] == ["alt", "vlm_long"]

@@ -62,7 +62,11 @@ def choose_variant(spec: SampleSpec, epoch: int, key: str) -> str:
 
 def _pick_caption(spec: SampleSpec, reader: ShardReader, idx: ShardIndex, key: str, epoch: int,
                   stats: BatchStats) -> tuple[str, str]:
-    """(variant, caption): the chosen variant, else the first available in fallback order."""
+    """(variant, caption): the chosen variant, else the first usable one in fallback order, else ``KEY.txt``
+    (without precomputed embeddings). A blank caption is never used: an ingest with ``require_caption: false``
+    keeps uncaptioned images with an empty ``alt`` for re-captioning, and a recaption drops rejected captions.
+    No usable caption skips the sample, counted as ``empty_caption`` (only blank ones), ``missing_text_embedding``
+    (text without its embedding) or ``missing_caption``."""
     exts = idx.members[key]
     try:
         captions = json.loads(reader.read(idx, key, "json")).get("captions") or {}
@@ -70,11 +74,16 @@ def _pick_caption(spec: SampleSpec, reader: ShardReader, idx: ShardIndex, key: s
         raise SkipSample("bad_json") from None
     chosen = choose_variant(spec, epoch, key)
     need_emb = spec.text_encoder_id is not None
+    blank = no_emb = False
     for v in [chosen] + [v for v in spec.fallback if v != chosen]:
         text = captions.get(v)
-        if isinstance(text, str) and text.strip():
-            if need_emb and f"emb.{spec.text_encoder_id}.{v}.safetensors" not in exts:
-                continue
+        if not isinstance(text, str):
+            continue
+        if not text.strip():
+            blank = True
+        elif need_emb and f"emb.{spec.text_encoder_id}.{v}.safetensors" not in exts:
+            no_emb = True
+        else:
             if v != chosen:
                 stats.variant_fallbacks += 1
             return v, text
@@ -83,7 +92,8 @@ def _pick_caption(spec: SampleSpec, reader: ShardReader, idx: ShardIndex, key: s
         if text:
             stats.variant_fallbacks += 1
             return PRIMARY, text
-    raise SkipSample("missing_text_embedding" if need_emb and captions else "missing_caption")
+        blank = True
+    raise SkipSample("missing_text_embedding" if no_emb else "empty_caption" if blank else "missing_caption")
 
 
 def _image(reader: ShardReader, idx: ShardIndex, key: str, hw: tuple[int, int]) -> np.ndarray:

@@ -60,13 +60,16 @@ def write_dataset(root: str, *, shards: int = 4, per_shard: int = 24, buckets: d
                   variants: dict[str, float] | None = None, missing_variant: dict[str, float] | None = None,
                   emb: dict[str, tuple[int, int]] | None = None, latent: dict[str, tuple[int, int, int]] | None = None,
                   fmt: str = "jpg", seed: int = 0, bad_image: set[str] = frozenset(),
-                  no_caption: set[str] = frozenset(), smooth: bool = False) -> DatasetInfo:
+                  no_caption: set[str] = frozenset(), blank_alt: set[str] = frozenset(),
+                  smooth: bool = False) -> DatasetInfo:
     """Write ``shards`` tars of ``per_shard`` samples with random buckets, captions and optional caches.
 
     ``missing_variant[v]`` is the fraction of samples whose caption variant ``v`` is absent; ``emb`` maps
     an encoder id to (L, D) and ``latent`` an autoencoder id to (C, h, w) for precomputed members.
-    Keys in ``bad_image`` get undecodable image bytes, keys in ``no_caption`` get no caption at all; the
-    manifest still matches those shards (they are bad samples, not corrupt shards).
+    Keys in ``bad_image`` get undecodable image bytes, keys in ``no_caption`` get no caption at all, keys in
+    ``blank_alt`` an empty ``alt`` and ``KEY.txt`` (as an ingest with ``require_caption: false`` keeps an
+    uncaptioned image; their other variants stay); the manifest still matches those shards (they are bad
+    samples, not corrupt shards).
     """
     buckets = buckets or DEFAULT_BUCKETS
     variants = variants or {"alt": 1.0, "vlm_short": 1.0}
@@ -88,16 +91,18 @@ def write_dataset(root: str, *, shards: int = 4, per_shard: int = 24, buckets: d
                 caps = {v: f"{v} caption of {key}" for v in variants if prng.random() >= missing_variant.get(v, 0.0)}
                 if key in no_caption:
                     caps = {}
+                if key in blank_alt:
+                    caps["alt"] = ""
                 meta = {"key": key, "source": "factory", "source_id": key, "path": f"/src/{key}.{fmt}",
                         "orig_size": [w * 2, h * 2], "bucket": bucket, "sha256": "", "phash": "",
                         "captions": caps, "scores": {}, "meta": {}}
                 img = _image_bytes(h, w, rng, fmt, smooth)
                 _add(tf, f"{key}.{fmt}", b"not an image" if key in bad_image else img)
                 if key not in no_caption:
-                    _add(tf, f"{key}.txt", f"primary caption of {key}".encode())
+                    _add(tf, f"{key}.txt", b"" if key in blank_alt else f"primary caption of {key}".encode())
                 _add(tf, f"{key}.json", json.dumps(meta).encode())
                 for enc, (length, dim) in (emb or {}).items():
-                    for v in caps:
+                    for v in (v for v, text in caps.items() if text):  # precompute embeds no blank caption
                         t = {"hidden": torch.randn(length, dim), "mask": torch.ones(length, dtype=torch.int8),
                              "pooled": torch.randn(dim)}
                         _add(tf, f"{key}.emb.{enc}.{v}.safetensors", save_safetensors(t))
