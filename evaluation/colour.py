@@ -61,6 +61,13 @@ def _anchors(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return lab, torch.tensor(owner, device=device)
 
 
+def name_colour(rgb: tuple[float, float, float]) -> str:
+    """The palette name of one sRGB colour (0-1 per channel): its nearest anchor, as every pixel is named."""
+    lab = _srgb_to_lab(torch.tensor(rgb, dtype=torch.float32))
+    anchors, owner = _anchors(lab.device, lab.dtype)
+    return NAMES[int(owner[((anchors - lab) ** 2).sum(-1).argmin()])]
+
+
 def foreground_weights(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """(B, H, W) weights in [0, 1]: 0 for transparent pixels and for the border's dominant colour (when it fills
     ``BORDER_SHARE`` of the border), rising to 1 away from it; computed without gradient (the background is a

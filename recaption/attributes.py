@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tessera.evaluation.colour import name_colour
 from tessera.recaption.captioners import CAPTIONERS, Generation
 from tessera.recaption.config import AttributesConfig, CaptionerConfig
 
@@ -20,24 +21,6 @@ LIGHT, DARK = 0.65, 0.35  # foreground mean luma (0-1) above/below which the ton
 SQUARE_TOLERANCE = 1.1  # sides within this ratio are square
 MIN_BACKGROUND = 0.05  # share of the image the background must cover to be named
 MEASURE_SIDE = 128  # images are measured at most this large: shares need no more, and large images stay cheap
-
-
-def name_colour(rgb: tuple[float, float, float]) -> str:
-    """The palette name of one sRGB colour (0-1 per channel), named by ``evaluation.colour.colour_shares``.
-
-    That function names foreground pixels only, so the colour is given as the one opaque pixel of a 1x2 image
-    beside a transparent pixel of a contrasting colour (a border of two distinct colours has no background).
-    """
-    import torch
-
-    from tessera.evaluation.colour import NAMES, colour_shares
-
-    c = torch.tensor(rgb, dtype=torch.float32)
-    luma = float(c @ torch.tensor([0.2126, 0.7152, 0.0722]))
-    other = torch.zeros(3) if luma > 0.5 else torch.ones(3)
-    x = torch.stack([c, other], dim=1).view(1, 3, 1, 2) * 2 - 1  # (1, 3, 1, 2) in [-1, 1]
-    alpha = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2): only the first pixel is foreground
-    return NAMES[int(colour_shares(x, alpha=alpha)[0].argmax())]
 
 
 def measure(img: Any, cfg: AttributesConfig) -> dict:

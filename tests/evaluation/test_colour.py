@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tessera.data_pipeline.sources.emoji_src import render
-from tessera.evaluation.colour import NAMES, colour_shares, colour_words, dominant_colours, to_tensor
+from tessera.evaluation.colour import NAMES, colour_shares, colour_words, dominant_colours, name_colour, to_tensor
 from tests.evaluation.conftest import EMOJI_FONT
 
 KNOWN = {"❤️": "red", "😀": "yellow", "💙": "blue", "🍊": "orange", "🌳": "green", "🍆": "purple", "🐷": "pink",
@@ -57,3 +57,8 @@ def test_soft_shares_match_hard_naming_and_have_gradients():
     assert x.grad.abs().sum() > 0
     step = x + 1e-3 * x.grad / x.grad.abs().max()  # a small step up the gradient makes the batch bluer
     assert colour_shares(step.detach(), temperature=20.0)[:, NAMES.index("blue")].sum() > share_blue.detach()
+
+
+def test_one_colour_is_named_like_a_pixel():
+    assert name_colour((0.86, 0.08, 0.12)) == "red" and name_colour((1.0, 1.0, 1.0)) == "white"
+    assert name_colour((0.26, 0.26, 0.26)) == "black" and name_colour((0.1, 0.46, 0.82)) == "blue"
