@@ -26,8 +26,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_classifier(args: argparse.Namespace) -> int:
+    """Train the fixed classifier on a labelled dataset; print its held-out accuracy and where it went."""
+    from tessera.evaluation.classifier import TrainClassifierConfig, train_classifier
+
+    cfg = TrainClassifierConfig(image_size=args.image_size, epochs=args.epochs, holdout_fraction=args.holdout,
+                                hflip=args.hflip, seed=args.seed)
+    rep = train_classifier(args.data, args.out, eval_dataset=args.eval_data, label_field=args.label_field,
+                           caption_template=args.caption_template, prompt_template=args.prompt_template, config=cfg)
+    print(f"held-out accuracy {rep['accuracy']:.4f} on {rep['n']} real images ({len(rep['labels'])} labels)")
+    for lab, acc in rep["per_class"].items():
+        print(f"  {lab}: {acc:.3f}")
+    print(f"classifier: {args.out.rstrip('/')}/model.safetensors + config.json")
+    return 0
+
+
+def _add_train_classifier(subparsers: argparse._SubParsersAction) -> None:
+    """``tessera train-classifier``: the judge of the classifier-accuracy metric and the ``classifier`` reward."""
+    p = subparsers.add_parser(
+        "train-classifier", help="train the small fixed CNN judge on a labelled dataset (classifier accuracy)",
+        description="Train evaluation/classifier.py's fixed CNN on a Tessera dataset whose samples carry a label "
+                    "(a field of KEY.json, or a caption template such as 'a photo of a {label}'); writes "
+                    "model.safetensors + config.json with its accuracy on held-out real images.")
+    p.add_argument("--data", required=True, metavar="DIR", help="labelled Tessera dataset (local or s3://)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (local or s3://)")
+    p.add_argument("--eval-data", metavar="DIR", help="held-out labelled dataset (default: a key-hash share of --data)")
+    p.add_argument("--label-field", default="label", help="KEY.json field holding the label")
+    p.add_argument("--caption-template", help="read labels from captions, e.g. 'a photo of a {label}'")
+    p.add_argument("--prompt-template", help="prompts the metric makes from labels (default: the caption "
+                                             "template, else 'a photo of a {label}')")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--holdout", type=float, default=0.1, help="held-out share of --data without --eval-data")
+    p.add_argument("--hflip", action="store_true", help="mirror augmentation (not for digits, text or flags)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_classifier)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``tessera eval``."""
+    """Add ``tessera eval`` and ``tessera train-classifier``."""
     from tessera.cli_args import add_config_args
 
     p = subparsers.add_parser(
@@ -40,6 +77,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                    help="checkpoint, run or export dir (local or s3://); repeat for several")
     p.set_defaults(func=_eval)
+    _add_train_classifier(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,24 @@ class RewardSettings:
 
 
 @dataclass(kw_only=True)
+class ClassifierSettings:
+    """Classifier accuracy on generated images (``evaluation/classifier.py``, trained by `tessera train-classifier`)."""
+
+    enabled: bool = False
+    path: str | None = None  # classifier dir (model.safetensors + config.json); required when enabled
+    # True: the suite's prompts are the classifier's label prompts ("a photo of a {label}", one per label),
+    # instead of ``prompts:``; False: ``prompts:`` is used and prompts naming no label are counted, not scored.
+    prompts_from_labels: bool = True
+
+
+@dataclass(kw_only=True)
+class ColourSettings:
+    """Colour adherence: prompts naming a colour vs the dominant foreground colour (weight-free)."""
+
+    enabled: bool = False
+
+
+@dataclass(kw_only=True)
 class EvalSuiteConfig:
     """An evaluation suite: prompts, sampling, metrics and outputs, all pinned."""
 
@@ -92,6 +110,8 @@ class EvalSuiteConfig:
     kid: KIDSettings = field(default_factory=KIDSettings)
     clip_score: ClipScoreSettings = field(default_factory=ClipScoreSettings)
     rewards: list[RewardSettings] = field(default_factory=list)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    colour: ColourSettings = field(default_factory=ColourSettings)
     score_batch_size: int = 16  # images per scorer call
     output: str = "runs/eval"  # local dir or s3://bucket/prefix
     report: bool = True
@@ -107,6 +127,9 @@ class EvalSuiteConfig:
             raise ConfigError("kid.enabled needs fid.enabled (KID reuses the FID features)")
         if self.clip_score.enabled and not self.clip_score.checkpoint:
             raise ConfigError("clip_score.checkpoint is required when clip_score.enabled is true")
+        if self.classifier.enabled and not self.classifier.path:
+            raise ConfigError("classifier.path is required when classifier.enabled is true (a dir written by "
+                              "`tessera train-classifier`)")
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> EvalSuiteConfig:

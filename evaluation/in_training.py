@@ -18,7 +18,6 @@ from tessera.evaluation.config import EvalSuiteConfig, load_suite, resolve_spec
 from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
 from tessera.evaluation.images import PILSource
 from tessera.evaluation.metrics import ITEM_KEYS, MetricSet
-from tessera.evaluation.prompts import load_prompt_set
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.grids import TrainHooks
 
@@ -44,7 +43,8 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
     if size is None and (s.height is None or s.width is None):
         raise ValueError("in-training evaluation needs size=(h, w) or sampling.height/width in the suite")
     spec = resolve_spec(s, to_dict(sampler_cfg or SamplerConfig()), size or (s.height, s.width))
-    prompts = load_prompt_set(suite_cfg.prompts)
+    metric_set = metric_set_for(suite_cfg)
+    prompts = metric_set.prompts()
     items = work_items(len(prompts), s.images_per_prompt)
     was_training = model.training
     t0 = time.perf_counter()
@@ -58,8 +58,7 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
         model.train(was_training)
     gen_seconds = time.perf_counter() - t0
     index = {it: i for i, it in enumerate(items)}
-    metrics, per_image, _ = metric_set_for(suite_cfg).evaluate(PILSource(images), items, lambda it: images[index[it]],
-                                                               prompts)
+    metrics, per_image, _, _ = metric_set.evaluate(PILSource(images), items, lambda it: images[index[it]], prompts)
     metrics["generate_seconds"] = round(gen_seconds, 3)
     prefix = prefix or f"eval/{suite_cfg.name}"
     if tracker is not None:

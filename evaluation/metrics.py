@@ -1,4 +1,5 @@
-"""A suite's metrics: FID/KID against the reference set, CLIP score and rewards per image.
+"""A suite's metrics: FID/KID against the reference set, CLIP score and rewards per image, and prompt adherence
+(classifier accuracy, colour adherence: ``evaluation/adherence.py``).
 
 ``MetricSet`` loads the heavy parts (the FID network, the reference statistics, the CLIP model, the reward
 models) on first use and keeps them, so a suite over many checkpoints, or in-training evaluation every N
@@ -11,11 +12,13 @@ import hashlib
 
 import numpy as np
 
+from tessera.evaluation.adherence import classifier_accuracy, colour_adherence, label_prompts
 from tessera.evaluation.clip_score import cosine_similarities, load_clip
 from tessera.evaluation.config import EvalSuiteConfig
 from tessera.evaluation.fid import compute_fid_stats, frechet_distance
 from tessera.evaluation.inception import load_inception
 from tessera.evaluation.kid import kid
+from tessera.evaluation.prompts import load_prompt_set
 from tessera.evaluation.rewards import build_reward
 from tessera.evaluation.stats_cache import StatsCache
 
@@ -27,7 +30,7 @@ class MetricSet:
 
     def __init__(self, cfg: EvalSuiteConfig) -> None:
         self.cfg = cfg
-        self._net = self._ref = self._clip = None
+        self._net = self._ref = self._clip = self._classifier = None
         self._scorers: list | None = None
 
     def inception(self):
@@ -63,18 +66,61 @@ class MetricSet:
             self._clip = load_clip(self.cfg.clip_score.arch, self.cfg.clip_score.checkpoint)
         return self._clip
 
-    def evaluate(self, source, items: list, get_image, prompts: list[str]) -> tuple[dict, list[dict], dict | None]:
-        """(metrics, per-image scores, reference description) for generated images.
+    def classifier(self):
+        """The classifier-accuracy judge, loaded on first use."""
+        if self._classifier is None:
+            from tessera.evaluation.classifier import load_classifier
+
+            self._classifier = load_classifier(self.cfg.classifier.path)
+        return self._classifier
+
+    def prompts(self) -> list[str]:
+        """The suite's prompts: the classifier's label prompts when it asks for them, else ``prompts:``."""
+        if self.cfg.classifier.enabled and self.cfg.classifier.prompts_from_labels:
+            clf = self.classifier()
+            return label_prompts(clf.labels, clf.info.prompt_template)
+        return load_prompt_set(self.cfg.prompts)
+
+    def evaluate(self, source, items: list, get_image, prompts: list[str]
+                 ) -> tuple[dict, list[dict], dict | None, dict]:
+        """(metrics, per-image scores, reference description, adherence details) for generated images.
 
         ``source`` is an ``ImageSource`` over exactly the generated images (for FID/KID);
-        ``get_image(item)`` loads one image for the per-image scores.
+        ``get_image(item)`` loads one image for the per-image scores. The details hold the per-class accuracy and
+        confusion matrices of the adherence metrics (for the report).
         """
         metrics: dict[str, float] = {"n_images": len(items)}
         ref_desc = self._fid_kid(source, metrics) if self.cfg.fid.enabled else None
         per_image = [{"prompt_idx": p, "sample_idx": s} for p, s in items]
         if self.cfg.clip_score.enabled or self.cfg.rewards:
             self._score_images(items, get_image, prompts, per_image, metrics)
-        return metrics, per_image, ref_desc
+        details = self._adherence(items, get_image, prompts, per_image, metrics)
+        return metrics, per_image, ref_desc, details
+
+    def _adherence(self, items: list, get_image, prompts: list[str], per_image: list[dict], metrics: dict) -> dict:
+        """Classifier accuracy and colour adherence: scalar metrics, per-image columns, and their details."""
+        if not (self.cfg.classifier.enabled or self.cfg.colour.enabled):
+            return {}
+        images, item_prompts = [get_image(it) for it in items], [prompts[p] for p, _ in items]
+        details: dict = {}
+        if self.cfg.classifier.enabled:
+            rep = classifier_accuracy(self.classifier(), images, item_prompts)
+            metrics.update(classifier_accuracy=rep["accuracy"], classifier_scored=rep["n"])
+            if rep["holdout_accuracy"] is not None:  # the judge's own accuracy on held-out real images
+                metrics["classifier_holdout_accuracy"] = rep["holdout_accuracy"]
+            metrics.update({f"classifier_accuracy/{k}": v for k, v in rep["per_class"].items()})
+            details["classifier"] = {k: v for k, v in rep.items() if k != "per_image"}
+            for row, extra in zip(per_image, rep["per_image"]):
+                row.update(extra)
+        if self.cfg.colour.enabled:
+            rep = colour_adherence(images, item_prompts)
+            metrics["colour_scored"] = rep["n"]
+            if rep["accuracy"] is not None:  # None: no prompt names a colour
+                metrics["colour_adherence"] = rep["accuracy"]
+            details["colour"] = {k: v for k, v in rep.items() if k != "per_image"}
+            for row, extra in zip(per_image, rep["per_image"]):
+                row.update(extra)
+        return details
 
     def _score_images(self, items: list, get_image, prompts: list[str], per_image: list[dict], metrics: dict) -> None:
         """CLIP score and rewards, a batch of images at a time: per-image columns and their means."""

@@ -21,7 +21,9 @@ from tessera.tracking import Run, RunConfig, Tracker
 log = logging.getLogger("tessera.eval.report")
 
 FORMAT = "tessera-eval/1"
-SCORE_KEYS_SKIP = ("n_images", "kid_subset_size", "generated_decode_failures")  # counts, not scores: no plot
+SCORE_KEYS_SKIP = ("n_images", "kid_subset_size", "generated_decode_failures", "classifier_scored", "colour_scored",
+                   "classifier_holdout_accuracy")  # counts and constants, not scores: no plot
+PER_CLASS_PREFIX = "classifier_accuracy/"
 THUMBNAIL = 128  # pixels, longer side of a report thumbnail
 
 
@@ -95,8 +97,8 @@ h3{font-size:14px;margin:16px 0 4px}"""
 def metric_names(results: list[dict]) -> list[str]:
     """Metric keys shown in the table and plots, in a stable order."""
     names: list[str] = []
-    for r in results:
-        names += [k for k in r["metrics"] if k not in names]
+    for r in results:  # per-class accuracies are shown in the adherence tables instead
+        names += [k for k in r["metrics"] if k not in names and not k.startswith(PER_CLASS_PREFIX)]
     return names
 
 
@@ -117,6 +119,44 @@ def metric_plots(results: list[dict], names: list[str]) -> list:
     svgs = [R.line_plot([(r["checkpoint"]["step"], r["metrics"].get(n)) for r in results], title=n, x_label="step")
             for n in names if n not in SCORE_KEYS_SKIP]
     return [R.el("h2", "Metrics vs step"), R.el("div", *[s for s in svgs if s], class_="plots")]
+
+
+def confusion_table(rows: list[str], cols: list[str], counts) -> R.Markup:
+    """A confusion matrix: one row per prompted class, one column per predicted class, counts in the cells."""
+    get = (lambda r, c: counts[r][c]) if isinstance(counts, list) else (lambda r, c: counts.get(rows[r], {}).get(
+        cols[c], 0))
+    return R.table(["prompted \\ predicted", *cols],
+                   [[rows[r], *[get(r, c) or "" for c in range(len(cols))]] for r in range(len(rows))])
+
+
+def adherence_blocks(adherence: dict, title: str = "") -> list:
+    """Classifier accuracy (per class + confusion matrix, with the judge's held-out real accuracy) and colour
+    adherence (per named colour + confusion), for one checkpoint's ``adherence`` details."""
+    out: list = []
+    c = adherence.get("classifier")
+    if c:
+        held = c.get("holdout_accuracy")
+        out += [R.el("h3", f"{title}classifier accuracy {c['accuracy']:.3f} over {c['n']} images"),
+                R.el("p", "The judge's accuracy on held-out real images: "
+                          + (f"{held:.3f}" if held is not None else "not recorded") + ". Rows: the label the prompt "
+                          "named; columns: the label the classifier saw.", class_="muted"),
+                R.table(["label", "accuracy"], [[k, f"{v:.3f}"] for k, v in c["per_class"].items()]),
+                confusion_table(c["labels"], c["labels"], c["confusion"])]
+    k = adherence.get("colour")
+    if k and k.get("n"):
+        named = list(k["confusion"])
+        seen = sorted({g for row in k["confusion"].values() for g in row})
+        out += [R.el("h3", f"{title}colour adherence {k['accuracy']:.3f} over {k['n']} colour-naming prompts' images"),
+                R.table(["named colour", "dominant foreground colour matches"],
+                        [[name, f"{v:.3f}"] for name, v in k["per_colour"].items()]),
+                confusion_table(named, seen, k["confusion"])]
+    return out
+
+
+def adherence_section(results: list[dict]) -> list:
+    """Prompt adherence of every checkpoint (empty when the suite measures none)."""
+    blocks = [b for r in results for b in adherence_blocks(r.get("adherence") or {}, f"{r['label']}: ")]
+    return [R.el("h2", "Prompt adherence"), *blocks] if blocks else []
 
 
 def sample_rows(cfg: EvalSuiteConfig, prompts: list[str], results: list[dict]) -> list:
@@ -141,6 +181,7 @@ def render_report(cfg: EvalSuiteConfig, prompts: list[str], results: list[dict])
         R.el("p", f"{len(results)} checkpoint(s), {len(prompts)} prompts, config hash ",
              R.el("code", config_hash(cfg)[:16]), f", {time.strftime('%Y-%m-%d %H:%M:%S')}"),
         R.el("h2", "Metrics"), metrics_table(results, names), *metric_plots(results, names),
+        *adherence_section(results),
         R.el("h2", "Samples by prompt"), *sample_rows(cfg, prompts, results),
         R.el("h2", "Reference statistics"),
         R.el("pre", json.dumps(ref, indent=1, default=str)) if ref else R.el("p", "FID disabled."),

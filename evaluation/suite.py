@@ -20,7 +20,7 @@ from tessera.evaluation.config import EvalSuiteConfig, resolve_spec
 from tessera.evaluation.generate import CheckpointFactory, ImageFolder, Item, generate_missing, work_items
 from tessera.evaluation.images import FolderSource
 from tessera.evaluation.metrics import MetricSet
-from tessera.evaluation.prompts import load_prompt_set, prompts_sha256
+from tessera.evaluation.prompts import prompts_sha256
 from tessera.evaluation.report import log_wandb, write_outputs
 
 log = logging.getLogger("tessera.eval")
@@ -60,8 +60,8 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
              gen_stats["reused"])
     items = work_items(len(prompts), s.images_per_prompt)
     with tempfile.TemporaryDirectory(prefix="tessera-eval-") as tmp:
-        metrics, per_image, ref = metric_set.evaluate(items_source(folder, items, Path(tmp)), items,
-                                                      folder.read_image, prompts)
+        metrics, per_image, ref, adherence = metric_set.evaluate(items_source(folder, items, Path(tmp)), items,
+                                                                 folder.read_image, prompts)
     return {
         "label": label, "folder": folder.url,
         "checkpoint": {"given": info.given, "url": info.url, "kind": info.kind, "step": info.step,
@@ -69,7 +69,7 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
         "generation": dict(gen_stats, key=gen_key, spec=to_dict(spec), seed=s.seed,
                            images_per_prompt=s.images_per_prompt),
         "prompts": {"n": len(prompts), "sha256": p_sha, "source": to_dict(cfg.prompts)},
-        "reference": ref, "metrics": metrics, "per_image": per_image,
+        "reference": ref, "metrics": metrics, "adherence": adherence, "per_image": per_image,
     }
 
 
@@ -78,9 +78,9 @@ def run_suite(cfg: EvalSuiteConfig, checkpoints: list[str]) -> dict:
     cfg.check()
     if not checkpoints:
         raise ConfigError("no --checkpoint given")
-    prompts = load_prompt_set(cfg.prompts)
-    infos = [checkpoint_info(c) for c in checkpoints]
     metric_set = MetricSet(cfg)
+    prompts = metric_set.prompts()  # the classifier's label prompts, or the suite's prompt set
+    infos = [checkpoint_info(c) for c in checkpoints]
     results = [evaluate_checkpoint(cfg, info, label, prompts, metric_set)
                for info, label in zip(infos, unique_labels(infos))]
     wandb_info = log_wandb(cfg, prompts, results) if cfg.tracking.mode != "disabled" else None

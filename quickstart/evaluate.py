@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tessera.device import pick_device
+from tessera.evaluation.adherence import colour_adherence
 from tessera.evaluation.fid import compute_fid_stats, frechet_distance
 from tessera.evaluation.inception import load_inception
 from tessera.evaluation.stats_cache import StatsCache
@@ -62,16 +63,23 @@ class FID:
         self.net = load_inception()  # on the detected device
         real = [Image.open(h.file).convert("RGB") for h in self.items]
         self.mu, self.sigma, _ = compute_fid_stats(real, self.net, batch_size, cache=StatsCache(cache_dir))
+        # The real images' own colour adherence: the ceiling the generated images are compared with.
+        self.real_colour = colour_adherence(real, [h.caption for h in self.items])
 
     def __call__(self, model, te, ae, sampler_cfg, objective_cfg) -> dict:
-        """FID of the model's images for the held-out captions; also how long sampling and Inception took."""
+        """FID and colour adherence of the model's images for the held-out captions; also how long sampling and
+        Inception took."""
         t0 = time.perf_counter()
         fake = generate_like(model, te, ae, sampler_cfg, objective_cfg, self.items, self.seed)
         t1 = time.perf_counter()
         mu, sigma, _ = compute_fid_stats(fake, self.net, self.batch_size)
         fid = frechet_distance(mu, sigma, self.mu, self.sigma)
+        inception_s = time.perf_counter() - t1
+        colour = colour_adherence(fake, [h.caption for h in self.items])
         return {"fid": round(fid, 2), "n": len(fake), "sample_s": round(t1 - t0, 1),
-                "inception_s": round(time.perf_counter() - t1, 1)}
+                "inception_s": round(inception_s, 1), "colour_adherence": colour["accuracy"],
+                "colour_scored": colour["n"], "colour_per_colour": colour["per_colour"],
+                "colour_adherence_real": self.real_colour["accuracy"]}
 
 
 def save_grid(model, te, ae, sampler_cfg, objective_cfg, prompts: list[str], size: tuple[int, int], seed: int,

@@ -35,6 +35,7 @@ from tessera.trainer.grids import TrainHooks, log_sample_grid, run_eval_hook
 from tessera.trainer.guard import EXIT_PREEMPTED, PreemptionFlag, after_step, rollback
 from tessera.trainer.metrics import Meter, grad_norm, memory_gb
 from tessera.trainer.models import model_flops
+from tessera.trainer.probes import probe_every, run_probe
 from tessera.trainer.schedule import crossed, lr_at
 
 log = logging.getLogger("tessera.train")
@@ -168,13 +169,18 @@ def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
         flops = 3 * model_flops(engine.module, *res.shape) * step_samples  # forward + backward (2x forward)
         meter.add(res.loss_per, res.t, res.global_loss, step_samples, flops, t_data, res.on_the_fly, res.n_dropped,
                   micro_batches[-1].get("stats"))
+        # The caption probe (no gradient, its own draws) runs on every rank on probe steps only.
+        probed = (run_probe(engine, objective, frozen, micro_batches, cfg, st.step, dtype, comm_dev)
+                  if crossed(st.samples, step_samples, probe_every(cfg)) else {})
         if crossed(st.samples, step_samples, lc.log_every_samples):
             metrics = meter.flush(peak, world)
             metrics.update(lr=engine.optimizer.param_groups[0]["lr"], skipped_steps=st.skipped, rollbacks=st.rollbacks,
                            grad_norm=grad_norm(engine), samples=st.samples, memory_gb=memory_gb(device),
-                           ema_decay=st.ema_decay)
+                           ema_decay=st.ema_decay, **probed)
             tracker.log(metrics, step=st.step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+        elif probed:
+            tracker.log(dict(probed, samples=st.samples), step=st.step)
         bar.update(step_samples)
 
         if cfg.samples.enabled and crossed(st.samples, step_samples, cfg.samples.every_samples):

@@ -396,3 +396,65 @@ def test_in_training_evaluation_logs_metrics(tmp_path, tiny_run, reference_folde
     rows = [json.loads(l) for l in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 7 and rows[-1]["eval/quick/fid"] == m["fid"]
     assert "eval/quick/reward/colorfulness" in rows[-1]
+
+
+# --------------------------------------------------------------------------- prompt adherence in suites
+
+
+@pytest.fixture(scope="module")
+def shapes_classifier(tmp_path_factory) -> Path:
+    """A real (briefly trained) classifier of drawn shapes whose label prompts also name a colour."""
+    from tessera.evaluation.classifier import TrainClassifierConfig, train_classifier
+    from tests.evaluation.test_classifier import shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    data = shapes_dataset(root, per_class=10, label_in_json=True)
+    train_classifier(str(data), str(root / "clf"), prompt_template="a red {label}",
+                     config=TrainClassifierConfig(epochs=2))
+    return root / "clf"
+
+
+def test_suite_measures_classifier_accuracy_and_colour_adherence(tmp_path, monkeypatch, reference_folder, stats_dir,
+                                                                 shapes_classifier):
+    from tessera.evaluation.suite import run_suite
+
+    cfg = suite_config(tmp_path, reference_folder, stats_dir, **{
+        "fid.enabled": "false", "kid.enabled": "false", "tracking.mode": "disabled", "classifier.enabled": "true",
+        "classifier.path": str(shapes_classifier), "colour.enabled": "true"})
+    res = run_suite(cfg, fake_checkpoints(monkeypatch, tmp_path, [10]))
+    assert res["prompts"]["list"] == ["a red circle", "a red square", "a red triangle"]  # the label prompts
+    (ck,) = res["checkpoints"]
+    m = ck["metrics"]
+    assert m["classifier_scored"] == 6 and 0 <= m["classifier_accuracy"] <= 1
+    assert m["classifier_holdout_accuracy"] == json.loads((shapes_classifier / "config.json").read_text())[
+        "holdout_accuracy"]
+    assert {f"classifier_accuracy/{s}" for s in ("circle", "square", "triangle")} <= set(m)
+    assert m["colour_scored"] == 6 and 0 <= m["colour_adherence"] <= 1
+    conf = ck["adherence"]["classifier"]["confusion"]
+    assert [sum(row) for row in conf] == [2, 2, 2]  # two images per prompted label
+    assert sum(sum(v.values()) for v in ck["adherence"]["colour"]["confusion"].values()) == 6
+    scores = [json.loads(line) for line in (tmp_path / "out" / ck["label"] / "scores.jsonl").read_text().splitlines()]
+    assert all(s["classifier_label"] in ("circle", "square", "triangle") and "dominant_colour" in s for s in scores)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Prompt adherence" in page and "prompted \\ predicted" in page and "colour adherence" in page
+    with pytest.raises(ConfigError, match="classifier.path is required"):
+        load_suite(QUICK, ["classifier.enabled=true"]).check()
+
+
+@pytest.mark.slow
+def test_in_training_evaluation_logs_adherence(tmp_path, tiny_run, shapes_classifier):
+    import torch
+
+    from tessera.evaluation.in_training import evaluate_weights
+    from tessera.tracking import Run, RunConfig, Tracker, TrackingConfig
+    from tessera.trainer.inference import load_for_sampling
+
+    model, te, ae, obj, smp, size = load_for_sampling(str(tiny_run), device=torch.device("cpu"))
+    tracker = Tracker(TrackingConfig(mode="disabled"), Run(RunConfig(root=str(tmp_path), id="train")))
+    cfg = load_suite(QUICK, ["fid.enabled=false", "kid.enabled=false", "sampling.steps=2", "classifier.enabled=true",
+                             f"classifier.path={shapes_classifier}", "colour.enabled=true", "name=adherence"])
+    m = evaluate_weights(model, te, ae, obj, cfg, step=3, tracker=tracker, sampler_cfg=smp, size=size)
+    assert m["n_images"] == 6 and m["classifier_scored"] == 6 and m["colour_scored"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["eval/adherence/classifier_accuracy"] == m["classifier_accuracy"]
+    assert "eval/adherence/colour_adherence" in rows[-1]
