@@ -84,6 +84,7 @@ def write_tensors(url: str, tensors: dict[str, torch.Tensor], meta: dict[str, st
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     if not storage.is_s3(url):
         path = storage.local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a fine-tuning checkpoint's lora/ folder
         save_file(tensors, str(path), metadata=meta or {})
         with open(path, "rb") as f:
             os.fsync(f.fileno())

@@ -37,10 +37,15 @@ def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Gener
 def build_engine(model: torch.nn.Module, cfg, world: int, device: torch.device):
     """(DeepSpeed engine, compute dtype) for ``model`` under ``cfg.deepspeed``/``cfg.optim``; the lr is set by
     the loop before every optimizer step (``schedule.lr_at``)."""
+    return engine_for(model, cfg.deepspeed, cfg.optim, cfg.data.batch_size, world, device)
+
+
+def engine_for(model: torch.nn.Module, ds, optim, micro_batch: int, world: int, device: torch.device):
+    """``build_engine`` from its parts (fine-tuning sets its own accumulation); only parameters that require
+    grad are optimized (a LoRA run's frozen base stays out of the optimizer)."""
     import deepspeed
 
-    ds_cfg = build_ds_config(cfg.deepspeed, cfg.optim, micro_batch=cfg.data.batch_size, world_size=world,
-                             cuda=device.type == "cuda",
+    ds_cfg = build_ds_config(ds, optim, micro_batch=micro_batch, world_size=world, cuda=device.type == "cuda",
                              bf16_ok=device.type == "cuda" and torch.cuda.is_bf16_supported())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_cfg)

@@ -1,4 +1,8 @@
-"""``tessera export``: EMA and raw weights as safetensors + config.json, plus ``tessera.json`` to sample them."""
+"""``tessera export``: EMA and raw weights as safetensors + config.json, plus ``tessera.json`` to sample them.
+
+A fine-tuning checkpoint's ``model.safetensors`` already holds the merged model; its LoRA adapter (``lora/``,
+PEFT's format) is exported next to it, so the adapter ships on its own too.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,32 @@ from tessera.trainer.models import save_pretrained
 
 log = logging.getLogger("tessera.export")
 
+ADAPTER_DIR = "lora"
+
+
+def write_export(out: str, cfg, variants: dict[str, dict[str, torch.Tensor]], *, source: str, step: int,
+                 samples: int, extra: dict | None = None) -> str:
+    """Write ``out/<variant>/model.safetensors + config.json`` for each weight set and ``out/tessera.json``
+    (model, encoders, objective and sampler of the training config ``cfg``); returns ``out``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, weights in variants.items():
+            model = model_from_weights(cfg.model, weights, torch.device("cpu"))
+            save_pretrained(model, Path(tmp) / name)
+            for f in sorted((Path(tmp) / name).iterdir()):
+                storage.write_bytes(storage.join(out, name, f.name), f.read_bytes())
+    meta = {"format": EXPORT_FORMAT, "source_checkpoint": source, "step": step, "samples": samples,
+            "variants": sorted(variants), "default": "ema" if "ema" in variants else "raw",
+            "model": to_dict(cfg.model), "text_encoder": to_dict(cfg.text_encoder),
+            "autoencoder": to_dict(cfg.autoencoder), "objective": to_dict(cfg.objective),
+            "sampler": to_dict(cfg.samples.sampler), "sample_size": [cfg.samples.height, cfg.samples.width],
+            **(extra or {})}
+    storage.write_text(storage.join(out, "tessera.json"), json.dumps(meta, indent=1))
+    return out
+
 
 def export(checkpoint: str, out: str) -> str:
-    """Write ``out/{ema,raw}/model.safetensors + config.json`` and ``out/tessera.json``; returns ``out``."""
+    """Write ``out/{ema,raw}/model.safetensors + config.json`` and ``out/tessera.json`` (and ``out/lora/`` for a
+    LoRA fine-tuning checkpoint); returns ``out``."""
     kind, url = resolve_checkpoint(checkpoint)
     if kind != "checkpoint":
         raise ValueError(f"{checkpoint} is already an export")
@@ -28,17 +55,12 @@ def export(checkpoint: str, out: str) -> str:
     variants = {"raw": C.read_tensors(storage.join(url, "model.safetensors"))}
     if storage.exists(storage.join(url, "ema.safetensors")):
         variants["ema"] = C.read_tensors(storage.join(url, "ema.safetensors"))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, weights in variants.items():
-            model = model_from_weights(cfg.model, weights, torch.device("cpu"))
-            save_pretrained(model, Path(tmp) / name)
-            for f in sorted((Path(tmp) / name).iterdir()):
-                storage.write_bytes(storage.join(out, name, f.name), f.read_bytes())
-    meta = {"format": EXPORT_FORMAT, "source_checkpoint": url, "step": state["trainer"]["step"],
-            "samples": state["trainer"]["samples"], "variants": sorted(variants), "default": "ema" if "ema" in variants else "raw",
-            "model": to_dict(cfg.model), "text_encoder": to_dict(cfg.text_encoder),
-            "autoencoder": to_dict(cfg.autoencoder), "objective": to_dict(cfg.objective),
-            "sampler": to_dict(cfg.samples.sampler), "sample_size": [cfg.samples.height, cfg.samples.width]}
-    storage.write_text(storage.join(out, "tessera.json"), json.dumps(meta, indent=1))
+    extra = {}
+    adapter = storage.join(url, ADAPTER_DIR)
+    for u in storage.list_prefix(adapter + "/") if storage.exists(storage.join(adapter, "adapter_config.json")) else []:
+        storage.write_bytes(storage.join(out, ADAPTER_DIR, u.rsplit("/", 1)[-1]), storage.read_bytes(u))
+        extra["adapter"] = ADAPTER_DIR
+    write_export(out, cfg, variants, source=url, step=state["trainer"]["step"], samples=state["trainer"]["samples"],
+                 extra=extra)
     log.info("exported %s -> %s (%s)", url, out, ", ".join(sorted(variants)))
     return out

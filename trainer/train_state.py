@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -47,6 +47,9 @@ class Checkpointer:
     config_url: str  # the run's config.yaml, copied into every checkpoint
     config_hash: str
     pause: Callable[[], None] = lambda: None  # between files: fault drills widen the write window
+    # Rank 0: the weight files of a checkpoint from the gathered trainable weights (default: model.safetensors).
+    # Fine-tuning's seam: a LoRA run writes its adapter for resuming, the merged model for sampling, PEFT's files.
+    files: Callable[[dict], dict[str, Any]] | None = None
 
     def save(self, engine, frags, ema, loader, st: TrainState) -> None:
         """Collective: gather the state to rank 0 and start writing it in the background there."""
@@ -62,7 +65,8 @@ class Checkpointer:
         state = {"format": FORMAT, "trainer": dataclasses.asdict(st), "world_size": world_size(),
                  "zero_stage": engine.zero_optimization_stage(), "adam_step": Z.adam_step(engine),
                  "config_hash": self.config_hash}
-        job = CheckpointFiles(st.step, weights, moments, ema_full, small, state)
+        files = self.files(weights) if self.files is not None else {"model.safetensors": weights}
+        job = CheckpointFiles(st.step, files, moments, ema_full, small, state)
         self.writer.submit(st.step, lambda: write_checkpoint(self.mgr, job, self.config_url, self.pause))
 
     def committed(self, step: int) -> bool:
@@ -91,7 +95,7 @@ class CheckpointFiles:
     """Host copies of everything one checkpoint holds, ready to be written."""
 
     step: int
-    weights: dict  # name -> full fp32 tensor (plus buffer/<name>)
+    weights: dict  # file name -> {name: full fp32 tensor (plus buffer/<name>)} or text (e.g. a JSON config)
     moments: dict  # exp_avg/<name>, exp_avg_sq/<name>
     ema: dict | None
     ranks: list[dict]  # per rank: {"loader": ..., "rng": ...}
@@ -103,8 +107,12 @@ def write_checkpoint(mgr: C.CheckpointManager, job: CheckpointFiles, config_url:
     """Write one checkpoint directory and commit it (``COMPLETE``, rename, ``latest``): a kill at any point leaves
     the previous complete checkpoint the newest one."""
     url = mgr.prepare(job.step)
-    C.write_tensors(storage.join(url, "model.safetensors"), job.weights, {"format": FORMAT})
-    pause()
+    for name, content in job.weights.items():
+        if isinstance(content, str):
+            storage.write_text(storage.join(url, name), content)
+        else:
+            C.write_tensors(storage.join(url, name), content, {"format": FORMAT})
+        pause()
     C.write_tensors(storage.join(url, "optimizer.safetensors"), job.moments)
     pause()
     if job.ema is not None:
@@ -119,10 +127,12 @@ def write_checkpoint(mgr: C.CheckpointManager, job: CheckpointFiles, config_url:
     mgr.commit(job.step)
 
 
-def load(url: str, engine, frags, ema, loader, st: TrainState, restore_loader: bool = True) -> None:
-    """Restore weights, Adam moments, EMA, counters, RNG and (same or other world size) loader state."""
+def load(url: str, engine, frags, ema, loader, st: TrainState, restore_loader: bool = True,
+         weights_file: str = "model.safetensors") -> None:
+    """Restore weights (the trainable ones, from ``weights_file``), Adam moments, EMA, counters, RNG and (same or
+    other world size) loader state."""
     state = C.read_json(storage.join(url, "trainer_state.json"))
-    weights, moments = C.TensorFile(storage.join(url, "model.safetensors")), \
+    weights, moments = C.TensorFile(storage.join(url, weights_file)), \
         C.TensorFile(storage.join(url, "optimizer.safetensors"))
     try:
         Z.restore(engine, weights.get, moments.maybe, state["adam_step"])
