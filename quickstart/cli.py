@@ -10,7 +10,8 @@ def add_commands(sub) -> None:
     """Register ``tessera quickstart``."""
     p = sub.add_parser(
         "quickstart", help="the whole platform end to end on real emoji + clip art, offline, on a CPU",
-        description="Ingest ~5,000 emoji and clip-art images, precompute MiniLM embeddings, train a small "
+        description="Ingest ~5,000 emoji and clip-art images, re-caption them with measured attributes, "
+                    "precompute MiniLM embeddings, train a small "
                     "pixel-space DiT with DeepSpeed ZeRO-2, sample grids of held-out prompts, compute FID before "
                     "and after, and write <out>/report.html plus a W&B offline run. A rerun resumes; a larger "
                     "--minutes continues training from the last checkpoint.")
@@ -24,6 +25,8 @@ def add_commands(sub) -> None:
     p.add_argument("--nproc", type=int, default=2, help="training ranks (default: 2; 1 runs a single process)")
     p.add_argument("--configs", default=None, metavar="DIR",
                    help="directory with data/precompute/train/eval.yaml (default: configs/quickstart)")
+    p.add_argument("--no-recaption", dest="recaption", action="store_false",
+                   help="skip the attributes re-captioning stage and train on the alt text only")
     p.set_defaults(func=cmd_quickstart)
 
 
@@ -36,7 +39,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print("tessera: error: --minutes and --budget must be > 0, --nproc >= 1 and --subset >= 2", file=sys.stderr)
         return 2
     opts = QuickstartOptions(minutes=args.minutes, budget=args.budget, out=args.out, subset=args.subset,
-                             nproc=args.nproc, configs=args.configs or str(CONFIG_DIR))
+                             nproc=args.nproc, configs=args.configs or str(CONFIG_DIR),
+                             recaption=args.recaption)
     try:
         run_quickstart(opts)
     except RuntimeError as e:  # a failed stage: its message names the logs; a rerun resumes from there

@@ -89,6 +89,39 @@ def fid_section(data: dict) -> list:
                   "counts.", class_="muted")]
 
 
+def adherence_section(rows: list[dict], data: dict) -> list:
+    """Colour adherence of the step-0 and final images (and of the real held-out images), and the caption
+    information gain logged during training."""
+    fid = data["fid"]
+    recs = [(name, r) for name, r in (("initial model", fid.get("step0")), ("final EMA", fid.get("final")))
+            if r and r.get("colour_adherence") is not None]
+    out: list = []
+    if recs:
+        real = recs[-1][1].get("colour_adherence_real")
+        table = [[name, r["step"], f"{r['colour_adherence']:.3f}", r["colour_scored"]] for name, r in recs]
+        if real is not None:
+            table.append(["held-out real images", "", f"{real:.3f}", recs[-1][1]["colour_scored"]])
+        per = recs[-1][1].get("colour_per_colour") or {}
+        out += [R.el("h3", "Colour adherence"),
+                R.table(["images", "step", "colour adherence", "colour-naming captions"], table),
+                R.el("p", "Share of the held-out captions that name a colour (\"a yellow heart emoji\") whose "
+                          "generated image's dominant foreground colour (background left out, 11 basic colour terms) "
+                          "is that colour. Final, per named colour: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in per.items()),
+                     class_="muted")]
+    pts = [(r["samples"], r["probe/caption_gain"]) for r in rows if "probe/caption_gain" in r and "samples" in r]
+    out.append(R.el("h3", "Caption information gain"))
+    if len(pts) >= 2:
+        out += [R.line_plot(pts, x_label="samples seen", y_label="loss(shuffled caption) - loss(own caption)",
+                            width=720, height=260, markers=False, smooth=True),
+                R.el("p", "At the same noise and timesteps, the loss with another sample's caption minus the loss with "
+                          "the sample's own: zero while the model ignores the text, growing as it learns to follow "
+                          "it.", class_="muted")]
+    else:
+        out.append(R.el("p", "not enough probe points for a curve", class_="muted"))
+    return out
+
+
 def grids_section(paths, data: dict, cfg, grid_items) -> list:
     """Sample grids at step 0 and after every training segment, beside the held-out real images."""
     sampler = cfg.samples.sampler
@@ -132,6 +165,25 @@ def data_section(data: dict) -> list:
                       f"{split.get('train', '?')}.")]
 
 
+def captions_section(data: dict, cfg) -> list:
+    """The recaption stage: what it wrote, the training mix and the grid prompts' captions before and after."""
+    if not data.get("recaption", True) or "recaption" not in data["stages"]:
+        return [R.el("p", "Off (--no-recaption): trained on the alt text only.")]
+    rec = data["stages"]["recaption"]
+    counts = ", ".join(f"{v}: {c.get('written', 0)} written, {c.get('dropped', 0)} dropped, "
+                       f"{c.get('mean_text_tokens', 0)} tokens on average" for v, c in rec.get("variants", {}).items())
+    mix = ", ".join(f"{k} {v:g}" for k, v in cfg.data.caption_variants.items())
+    out = [R.el("p", f"The attributes captioner appended measured colours, tone, background and orientation to the "
+                     f"alt text of {rec.get('samples', '?')} training samples ({counts}); training drew {mix}.")]
+    ex = data.get("caption_examples") or []
+    if ex:
+        out.append(R.el("p", "The grid prompts (held out, never re-captioned) and what the captioner says of the "
+                             "same images:", class_="muted"))
+        out.append(R.table(["alt text (the prompt)", "with measured attributes"],
+                           [[e["alt"], e.get("attributes", "")] for e in ex]))
+    return out
+
+
 def write_report(paths, data: dict, cfg, grid_items) -> Path:
     """Write ``<out>/report.html`` (self-contained) and return its path."""
     rows = read_metrics(paths.run)
@@ -142,6 +194,8 @@ def write_report(paths, data: dict, cfg, grid_items) -> Path:
                   f"· {last['step']} steps · {last['samples']:,} samples", class_="muted"),
         R.el("h2", "FID before and after"), *fid_section(data),
         R.el("h2", "Sample grids over training"), *grids_section(paths, data, cfg, grid_items),
+        R.el("h2", "Prompt adherence"), *adherence_section(rows, data),
+        R.el("h2", "Captions before and after re-captioning"), *captions_section(data, cfg),
         R.el("h2", "Training loss"), loss_plot(rows, f"{cfg.objective.name} loss"),
         R.el("h2", "Throughput"), *throughput_section(rows, cfg),
         R.el("h2", "Stage timings"), *stages_section(data),
@@ -169,6 +223,8 @@ def log_to_wandb(paths, data: dict, cfg) -> str | None:
     fid = data["fid"]
     metrics = {f"quickstart/stage_s/{k}": v["seconds"] for k, v in data["stages"].items()}
     metrics.update({f"quickstart/fid_{k}": v["fid"] for k, v in fid.items()})
+    metrics.update({f"quickstart/colour_adherence_{k}": v["colour_adherence"] for k, v in fid.items()
+                    if v.get("colour_adherence") is not None})
     if fid.get("step0") and fid.get("final"):
         metrics["quickstart/fid_ratio"] = fid["final"]["fid"] / fid["step0"]["fid"]
     metrics.update({f"quickstart/{k}": v for k, v in throughput(read_metrics(paths.run)).items()})
@@ -189,6 +245,10 @@ def print_summary(paths, data: dict) -> None:
     if fid.get("step0") and fid.get("final"):
         print(f"FID {fid['step0']['fid']:.1f} (step 0) -> {fid['final']['fid']:.1f} (step {fid['final']['step']}), "
               f"{fid['final']['fid'] / fid['step0']['fid']:.2f}x")
+    if fid.get("final", {}).get("colour_adherence") is not None:
+        final = fid["final"]
+        print(f"colour adherence {fid['step0'].get('colour_adherence') or 0:.2f} (step 0) -> "
+              f"{final['colour_adherence']:.2f} (final; real images {final['colour_adherence_real']:.2f})")
     print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items())
           + f"; this run {data.get('wall_s_this_run', 0):.0f}s wall")
     for k, v in _locations(paths).items():

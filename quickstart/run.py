@@ -7,14 +7,17 @@ resumes where the last one stopped):
                skips finished shards)
 2. split       a hash-of-key 10% of the samples -> ``<out>/data/holdout`` (real images + captions, never
                trained on); the rest -> ``<out>/data/train``
-3. precompute  frozen MiniLM embeddings -> ``<out>/data/train_minilm``
-4. step 0      sample grid and FID of the initial model against the held-out images
-5. train       a pixel-space DiT under DeepSpeed ZeRO-2 on ``--nproc`` ranks for ``--minutes``, cut into
+3. recaption   the weight-free ``attributes`` captioner adds a caption variant (measured colours, tone,
+               background, orientation appended to the alt text) -> ``<out>/data/train_attributes``; training
+               draws ``{alt: 0.3, attributes: 0.7}`` (``--no-recaption``: alt text only, for the comparison)
+4. precompute  frozen MiniLM embeddings of every caption variant -> ``<out>/data/train_minilm``
+5. step 0      sample grid and FID of the initial model against the held-out images
+6. train       a pixel-space DiT under DeepSpeed ZeRO-2 on ``--nproc`` ranks for ``--minutes``, cut into
                ``segments`` equal parts; the trainer resumes from its last checkpoint each time and writes a
                grid of the held-out prompts at the end of each part (33%, 66%, 100% of the budget)
-6. final       FID of the final EMA weights, ``<out>/report.html``, the W&B offline run
+7. final       FID of the final EMA weights, ``<out>/report.html``, the W&B offline run
 
-Configs live in ``configs/quickstart/`` (data, precompute, train, eval); the quickstart only fills in paths,
+Configs live in ``configs/quickstart/`` (data, recaption, precompute, train, eval); the quickstart only fills in paths,
 the time budget, the held-out prompts and, with ``--subset``, the source limits.
 """
 
@@ -32,7 +35,9 @@ from pathlib import Path
 from tessera.config import dump_yaml, load_config, shipped_configs
 
 CONFIG_DIR = shipped_configs() / "quickstart"
-STAGES = ("ingest", "split", "precompute", "step0", "train", "final")
+STAGES = ("ingest", "split", "recaption", "precompute", "step0", "train", "final")
+# Caption variants trained on with the recaption stage (by measurement: README, "Re-captioning").
+RECAPTION_MIX = {"alt": 0.3, "attributes": 0.7}
 
 
 @dataclass(kw_only=True)
@@ -64,6 +69,7 @@ class QuickstartOptions:
     subset: int | None = None  # cap on ingested images (CI); None: the full quickstart set
     nproc: int = 2
     configs: str = str(CONFIG_DIR)
+    recaption: bool = True  # False: train on the alt text only (the stage is skipped and recorded as off)
 
 
 class Paths:
@@ -74,6 +80,7 @@ class Paths:
         self.ingest = self.out / "data" / "ingest"
         self.train_data = self.out / "data" / "train"
         self.holdout = self.out / "data" / "holdout"
+        self.recaptioned = self.out / "data" / "train_attributes"
         self.precomputed = self.out / "data" / "train_minilm"
         self.runs = self.out / "runs"
         self.run = self.runs / "train"
@@ -151,7 +158,7 @@ def ingest_config(opts: QuickstartOptions, paths: Paths):
 
 
 def run_data_stages(opts: QuickstartOptions, paths: Paths, state: State, ev: QuickstartEvalConfig) -> None:
-    """Stages 1-3 on one embedded Ray runtime (started once, shared by ingest and precompute)."""
+    """Stages 1-4 on one embedded Ray runtime (started once, shared by ingest, recaption and precompute)."""
     from tessera.data_pipeline.executors import make_executor
     from tessera.data_pipeline.ingest import run_ingest
     from tessera.data_pipeline.precompute import PrecomputeConfig, run_precompute
@@ -171,16 +178,55 @@ def run_data_stages(opts: QuickstartOptions, paths: Paths, state: State, ev: Qui
                 info.update(split_dataset(str(paths.ingest), str(paths.train_data), str(paths.holdout),
                                           ev.holdout_fraction, ev.holdout_seed))
                 say(f"  {info['train']} training samples, {info['held_out']} held out")
+        if state.data.setdefault("recaption", opts.recaption) != opts.recaption:
+            raise RuntimeError(f"{paths.out} was started with{'out' if opts.recaption else ''} the recaption "
+                               "stage; use another --out to change it")
+        if opts.recaption and not state.done("recaption"):
+            run_recaption_stage(opts, paths, state)
         if not state.done("precompute"):
+            source = paths.recaptioned if opts.recaption else paths.train_data
             cfg = load_config(PrecomputeConfig, Path(opts.configs) / "precompute.yaml",
-                              [f"source={paths.train_data}", f"output={paths.precomputed}"])
-            with state.stage("precompute", f"MiniLM text embeddings -> {paths.precomputed}") as info:
+                              [f"source={source}", f"output={paths.precomputed}"])
+            with state.stage("precompute", f"MiniLM text embeddings of {source.name} -> {paths.precomputed}") as info:
                 m = run_precompute(cfg)  # joins the Ray runtime started for the ingest, if any
                 info.update(samples=m["precompute"]["samples"], text_encoder=m["precompute"]["text_encoder"],
                             samples_per_s=m["timing"]["samples_per_s"])
     finally:
         if executor is not None:
             executor.close()  # frees the cores and ~1 GB before training
+
+
+def run_recaption_stage(opts: QuickstartOptions, paths: Paths, state: State) -> None:
+    """The ``attributes`` captioner over the training split (joins the ingest's Ray runtime)."""
+    from tessera.recaption.config import RecaptionConfig
+    from tessera.recaption.run import run_recaption
+
+    cfg = load_config(RecaptionConfig, Path(opts.configs) / "recaption.yaml",
+                      [f"source={paths.train_data}", f"output={paths.recaptioned}"])
+    with state.stage("recaption", f"attributes captions -> {paths.recaptioned}") as info:
+        r = run_recaption(cfg)["recaption"]
+        info.update(samples=r["samples"], images_per_s=r["throughput"]["images_per_s"],
+                    variants={v: {k: n for k, n in c.items() if k in ("written", "dropped", "mean_text_tokens")}
+                              for v, c in r["variants"].items()})
+        for name, v in info["variants"].items():
+            say(f"  {name}: {v.get('written', 0)} written, {v.get('dropped', 0)} dropped, "
+                f"{v.get('mean_text_tokens', 0)} tokens on average")
+
+
+def caption_examples(opts: QuickstartOptions, grid_items) -> list[dict]:
+    """The grid prompts' alt text and what the recaption stage's ``attributes`` captioner says of the same held-out
+    images (they were never re-captioned: held-out samples stay as ingested), for the report."""
+    from PIL import Image
+
+    from tessera.recaption.captioners import build_captioner
+    from tessera.recaption.config import RecaptionConfig
+
+    cfg = load_config(RecaptionConfig, Path(opts.configs) / "recaption.yaml")
+    spec = next(c for c in cfg.captioners if c.name == "attributes")
+    captioner = build_captioner(spec)
+    images = [Image.open(h.file) for h in grid_items]
+    gens = captioner.generate(captioner.preparer(spec)(images), [h.caption for h in grid_items], cfg.seed, None)
+    return [{"alt": h.caption, spec.variant: g.text} for h, g in zip(grid_items, gens)]
 
 
 # --------------------------------------------------------------------------- training
@@ -193,6 +239,7 @@ def train_config(opts: QuickstartOptions, paths: Paths, prompts: list[str]):
     cfg = load_config(TrainJobConfig, Path(opts.configs) / "train.yaml")
     cfg.run.root, cfg.run.id = str(paths.runs), "train"
     cfg.data.path = [str(paths.precomputed)]
+    cfg.data.caption_variants = dict(RECAPTION_MIX) if opts.recaption else {"alt": 1.0}
     cfg.samples.prompts = list(prompts)
     paths.train_config.parent.mkdir(parents=True, exist_ok=True)
     paths.train_config.write_text(dump_yaml(cfg))
@@ -372,6 +419,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     else:
         run_final(paths, state, ev, fid)
 
+    if opts.recaption:
+        state.data["caption_examples"] = caption_examples(opts, grid_items)
     state.data["wall_s_this_run"] = round(time.perf_counter() - t_start, 1)
     state.save()
     write_report(paths, state.data, cfg, grid_items)

@@ -43,14 +43,14 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     configs = tmp_path / "configs"
     shutil.copytree(ROOT / "configs" / "quickstart", configs)
     (configs / "eval.yaml").write_text((configs / "eval.yaml").read_text().replace("segments: 3", "segments: 2"))
-    for name in ("data.yaml", "precompute.yaml", "train.yaml"):  # their `base:` paths are relative
+    for name in ("data.yaml", "recaption.yaml", "precompute.yaml", "train.yaml"):  # their `base:` paths are relative
         text = (configs / name).read_text().replace("base: ../", f"base: {ROOT / 'configs'}/")
         (configs / name).write_text(text)
     out = tmp_path / "qs"
     proc = _quickstart(out, configs)
 
     state = json.loads((out / "quickstart.json").read_text())
-    assert list(state["stages"]) == ["ingest", "split", "precompute", "step0", "train", "final"]
+    assert list(state["stages"]) == ["ingest", "split", "recaption", "precompute", "step0", "train", "final"]
     assert state["stages"]["ingest"]["totals"]["input"] == 300
     assert len(state["stages"]["ingest"]["buckets"]) >= 3, state["stages"]["ingest"]["buckets"]
 
@@ -59,6 +59,15 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     assert held and all(Path(h["file"]).is_file() for h in held)
     train_keys = _train_keys(out / "data" / "train_minilm")
     assert train_keys and not {h["key"] for h in held} & train_keys
+
+    # The recaption stage captioned every training sample; precompute embedded both variants; training drew both.
+    rec = state["stages"]["recaption"]
+    att = rec["variants"]["attributes"]  # every sample accounted for: captioned, or dropped by a filter (counted)
+    assert att["written"] > 0.9 * state["stages"]["split"]["train"]
+    assert att["written"] + att["dropped"] == state["stages"]["split"]["train"] == rec["samples"]
+    manifest = json.loads((out / "data" / "train_minilm" / "manifest.json").read_text())
+    assert set(manifest["caption_variants"]) >= {"alt", "attributes"}
+    assert "caption_variants:\n    alt: 0.3\n    attributes: 0.7" in (out / "configs" / "train.yaml").read_text()
 
     # Training ran in two segments, the second resuming the first; a grid at step 0 and after each.
     steps = [s["step"] for s in state["segments"]]
@@ -75,13 +84,25 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     assert len(losses) >= 6, losses
     assert sum(losses[-k:]) / k < 0.8 * sum(losses[:k]) / k, losses
     assert all(r["samples_per_s"] > 0 for r in train_rows)
+    # The caption probe runs at every log line: its gain is logged with the loss.
+    assert all(math.isfinite(r["probe/caption_gain"]) and r["probe/loss_own"] > 0 for r in train_rows)
     assert any("quickstart/fid_final" in r for r in rows)
 
     fid = state["fid"]
     assert fid["step0"]["step"] == 0 and fid["final"]["step"] == steps[-1]
     assert all(math.isfinite(fid[k]["fid"]) and fid[k]["fid"] > 0 for k in ("step0", "final"))
 
+    # Colour adherence of the held-out captions that name a colour, for the step-0 and the final images.
+    for k in ("step0", "final"):
+        assert fid[k]["colour_scored"] > 0 and 0 <= fid[k]["colour_adherence"] <= 1
+    assert 0.5 <= fid["final"]["colour_adherence_real"] <= 1  # the real images mostly show their named colour
+
     report = (out / "report.html").read_text()
+    assert "Colour adherence" in report and "Caption information gain" in report
+    ex = state["caption_examples"]  # the grid prompts' alt text and the attributes caption of the same images
+    assert ex and all(e["attributes"].startswith(e["alt"]) and len(e["attributes"]) > len(e["alt"]) for e in ex)
+    assert "Captions before and after re-captioning" in report and ex[0]["attributes"] in report
+    assert report.count("polyline") >= 2  # the loss and the caption-gain curves
     assert report.count("data:image/png;base64,") >= 4 and "<svg" in report and "polyline" in report
     assert "FID" in report and "MFU" in report and "samples/s" in report
     assert list((out / "runs" / "train" / "wandb").glob("offline-run-*"))
@@ -89,7 +110,7 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
 
     # A rerun resumes: every stage is skipped, nothing is trained twice.
     again = _quickstart(out, configs)
-    assert again.stdout.count("already done") == 6, again.stdout
+    assert again.stdout.count("already done") == 7, again.stdout
     assert json.loads((out / "quickstart.json").read_text())["segments"] == state["segments"]
 
 
