@@ -45,7 +45,7 @@ def _job(step: int) -> TS.CheckpointFiles:
     g = torch.Generator().manual_seed(step)
     w = {f"w{i}": torch.randn(256, 256, generator=g) for i in range(8)}  # 2 MB per file
     m = {f"{k}/w{i}": torch.randn(256, 256, generator=g) for k in ("exp_avg", "exp_avg_sq") for i in range(8)}
-    return TS.CheckpointFiles(step, w, m, {k: v * 0.5 for k, v in w.items()},
+    return TS.CheckpointFiles(step, {"model.safetensors": w}, m, {k: v * 0.5 for k, v in w.items()},
                               [{"loader": {"pos": step}, "rng": {"r": step}}] * 2, {"trainer": {"step": step}})
 
 
@@ -58,7 +58,8 @@ def _same(url: str, step: int) -> bool:
     ref = _job(step)
     got = C.read_tensors(storage.join(url, "model.safetensors"))
     ema = C.read_tensors(storage.join(url, "ema.safetensors"))
-    return all(torch.equal(got[k], ref.weights[k]) and torch.equal(ema[k], ref.ema[k]) for k in ref.weights) and \
+    w = ref.weights["model.safetensors"]
+    return all(torch.equal(got[k], w[k]) and torch.equal(ema[k], ref.ema[k]) for k in w) and \
         C.read_json(storage.join(url, "loader", "rank1.json")) == {"pos": step}
 
 
