@@ -36,7 +36,7 @@ from tessera.config import dump_yaml, load_config, shipped_configs
 
 CONFIG_DIR = shipped_configs() / "quickstart"
 STAGES = ("ingest", "split", "recaption", "precompute", "step0", "train", "final")
-# Caption variants trained on with the recaption stage (by measurement: README, "Re-captioning").
+# Caption variants trained on with the recaption stage: the starting ratios, not yet tuned by measurement.
 RECAPTION_MIX = {"alt": 0.3, "attributes": 0.7}
 
 
@@ -178,7 +178,9 @@ def run_data_stages(opts: QuickstartOptions, paths: Paths, state: State, ev: Qui
                 info.update(split_dataset(str(paths.ingest), str(paths.train_data), str(paths.holdout),
                                           ev.holdout_fraction, ev.holdout_seed))
                 say(f"  {info['train']} training samples, {info['held_out']} held out")
-        if state.data.setdefault("recaption", opts.recaption) != opts.recaption:
+        # An output directory precomputed before the recaption stage existed counts as one started without it.
+        started = opts.recaption and "precompute" not in state.data["stages"]
+        if state.data.setdefault("recaption", started) != opts.recaption:
             raise RuntimeError(f"{paths.out} was started with{'out' if opts.recaption else ''} the recaption "
                                "stage; use another --out to change it")
         if opts.recaption and not state.done("recaption"):
