@@ -61,7 +61,8 @@ class SlurmCluster:
             f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge' / 'munge.socket'}",
+            # cred_expire also sets how long Slurm holds a requeued job before it may start again (default 120 s).
+            "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire=10",
             "CredType=cred/munge",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2",

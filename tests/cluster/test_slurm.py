@@ -87,7 +87,7 @@ def test_preempted_training_requeues_resumes_and_matches_an_uninterrupted_run(sl
     subprocess.run(["scancel", "--signal=USR1", "--batch", backend_id], check=True, timeout=30)
     rec = wait_for(state, job, lambda r: r["attempts"] and r["attempts"][0]["action"], 120, "the preempted attempt")
     assert (rec["attempts"][0]["exit_code"], rec["attempts"][0]["action"]) == (75, "requeue-preempted")
-    # The uninterrupted reference run, here, while Slurm holds the requeued job (about 2 minutes); on a port of
+    # The uninterrupted reference run, here, while Slurm holds the requeued job (cred_expire, 10 s here); on a port of
     # its own (a one-process run otherwise takes the default 29500, which another run on this machine may hold).
     ref = H.run_train(H.overrides(tmp_path, "ref", tiny["ds"], tiny["enc"], **{"train.total_samples": total}),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
