@@ -22,22 +22,21 @@ import torch.distributed as dist
 
 from tessera import storage
 from tessera.config import dump_yaml
-from tessera.device import pick_device
 from tessera.evaluation.rewards import build_rewards
-from tessera.tracking import Run, Tracker, new_run_id
+from tessera.tracking import Run
 from tessera.trainer import checkpoint as C
 from tessera.trainer import faults
 from tessera.trainer import train_state as TS
 from tessera.trainer import zero_state as Z
 from tessera.trainer.checkpoint import AsyncWriter, CheckpointManager
 from tessera.trainer.diffusion.objectives import build_objective
-from tessera.trainer.distributed import (all_reduce_sum, barrier, collective_device, detect_env, init_distributed,
-                                         shared_run_id)
-from tessera.trainer.engine import engine_for, seed_everything, set_lr
+from tessera.trainer.distributed import all_reduce_sum, barrier, collective_device
+from tessera.trainer.engine import engine_for, set_lr
 from tessera.trainer.guard import EXIT_PREEMPTED, PreemptionFlag
 from tessera.trainer.inference import model_from_weights
 from tessera.trainer.metrics import grad_norm
 from tessera.trainer.schedule import lr_at
+from tessera.trainer.session import start_session
 
 from tessera.finetune.config import FinetuneJobConfig
 from tessera.finetune.heldout import HeldOut
@@ -120,15 +119,8 @@ def guard(heldout: HeldOut, ctx: Context, base, frags, update: int, tracker, ran
 def finetune(cfg: FinetuneJobConfig) -> int:
     """Fine-tune ``cfg.checkpoint`` for ``train.updates`` updates (or the time budget); returns the exit code."""
     cfg.check()
-    lc, denv = cfg.train, detect_env()
-    init_distributed(denv)
-    rank, world = denv.rank, denv.world_size
-    seed_everything(lc.seed, rank, lc.deterministic)
-    device = pick_device()
-    run = Run(dataclasses.replace(cfg.run, id=shared_run_id(cfg.run.id, new_run_id)), rank)
-    run.attach_file_logging()
-    config_hash = run.write_config(cfg)
-    tracker = Tracker(cfg.tracking, run, cfg)
+    lc, session = cfg.train, start_session(cfg)
+    rank, world, device, run, tracker = session.rank, session.world, session.device, session.run, session.tracker
     ctx, method, heldout, base = build(cfg, device, world, run)
     engine, frags = ctx.engine, Z.fragments(ctx.engine)
     lora = is_lora(engine.module)
@@ -137,7 +129,7 @@ def finetune(cfg: FinetuneJobConfig) -> int:
     files = (lambda w: {"adapter.safetensors": w, "model.safetensors": merged_weights(engine.module),
                         **adapter_files(engine.module)}) if lora else None
     ckpt = TS.Checkpointer(CheckpointManager(run.path("checkpoints"), lc.keep_last), AsyncWriter(),
-                           run.path("model_config.yaml"), config_hash, lambda: faults.delay(cfg.debug), files)
+                           run.path("model_config.yaml"), session.config_hash, lambda: faults.delay(cfg.debug), files)
     weights_file = "adapter.safetensors" if lora else "model.safetensors"
     st, state = TS.TrainState(), MethodState(method)
     resume_url = ckpt.resolve(lc.resume)

@@ -8,16 +8,14 @@ and gradient accumulation or another world size trains on the same draws.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
-from tessera.device import device_peak_flops, pick_device
+from tessera.device import device_peak_flops
 from tessera.log import progress
-from tessera.tracking import Run, Tracker, new_run_id
 from tessera.trainer import faults
 from tessera.trainer import train_state as TS
 from tessera.trainer import zero_state as Z
@@ -27,16 +25,16 @@ from tessera.trainer.config import TrainJobConfig
 from tessera.trainer.data import build_loader
 from tessera.trainer.diffusion.cfg_dropout import drop_condition
 from tessera.trainer.diffusion.objectives import build_objective
-from tessera.trainer.distributed import (all_reduce_sum, barrier, collective_device, detect_env, init_distributed,
-                                         shared_run_id)
+from tessera.trainer.distributed import all_reduce_sum, barrier, collective_device
 from tessera.trainer.ema import ShardedEMA
-from tessera.trainer.engine import build_engine, sample_generators, seed_everything, set_lr
+from tessera.trainer.engine import build_engine, sample_generators, set_lr
 from tessera.trainer.grids import TrainHooks, log_sample_grid, run_eval_hook
 from tessera.trainer.guard import EXIT_PREEMPTED, PreemptionFlag, after_step, rollback
 from tessera.trainer.metrics import Meter, grad_norm, memory_gb
 from tessera.trainer.models import model_flops
 from tessera.trainer.probes import probe_every, run_probe
 from tessera.trainer.schedule import crossed, lr_at
+from tessera.trainer.session import start_session
 
 log = logging.getLogger("tessera.train")
 
@@ -113,15 +111,8 @@ def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
     if cfg.eval.every_samples and hooks.evaluate is None:
         raise ValueError("eval.every_samples is set but no evaluation hook was given: run through `tessera train` "
                          "(or pass evaluation.in_training.training_hooks(cfg))")
-    lc, denv = cfg.train, detect_env()
-    init_distributed(denv)
-    rank, world = denv.rank, denv.world_size
-    seed_everything(lc.seed, rank, lc.deterministic)
-    device = pick_device()
-    run = Run(dataclasses.replace(cfg.run, id=shared_run_id(cfg.run.id, new_run_id)), rank)
-    run.attach_file_logging()
-    config_hash = run.write_config(cfg)
-    tracker = Tracker(cfg.tracking, run, cfg)
+    lc, session = cfg.train, start_session(cfg)
+    rank, world, device, run, tracker = session.rank, session.world, session.device, session.run, session.tracker
 
     frozen = Frozen(cfg.text_encoder, cfg.autoencoder, device)
     loader = build_loader(cfg.data, rank=rank, world_size=world,
@@ -138,7 +129,7 @@ def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
     frags = Z.fragments(engine)
     ema = ShardedEMA(cfg.ema, frags) if cfg.ema.enabled else None
     ckpt = TS.Checkpointer(CheckpointManager(lc.ckpt_root or run.path("checkpoints"), lc.keep_last), AsyncWriter(),
-                           run.path("config.yaml"), config_hash, lambda: faults.delay(cfg.debug))
+                           run.path("config.yaml"), session.config_hash, lambda: faults.delay(cfg.debug))
     st = TS.TrainState()
     resume_url = ckpt.resolve(lc.resume)
     if resume_url:
