@@ -76,7 +76,7 @@ def has_run(resolved: dict) -> bool:
 def wandb_info(resolved: dict, run_id: str | None) -> dict[str, Any] | None:
     """The W&B run the job logs to: the run id is fixed at submit time, so every requeue continues it."""
     tracking = resolved.get("tracking")
-    if run_id is None or not isinstance(tracking, dict):
+    if run_id is None or not isinstance(tracking, dict) or tracking.get("mode") == "disabled":
         return None
     wid = run_id.replace("/", "-")  # tessera.tracking.Run derives the W&B id from the run id this way
     project, entity, mode = tracking.get("project") or "tessera", tracking.get("entity"), tracking.get("mode")

@@ -64,7 +64,7 @@ def _driver(job_id: str) -> psutil.Process | None:
 
 def test_a_preempted_training_is_resubmitted_and_resumes(ray_head, tiny, tmp_path):
     state, runs = tmp_path / "jobs", tmp_path / "runs"
-    job = submit("train", "--config", str(H.TINY_CONFIG), *train_overrides(tiny, runs, **{"train.total_samples": 96}),
+    job = submit("train", "--config", str(H.TINY_CONFIG), *train_overrides(tiny, runs, **{"train.total_samples": 96, "tracking.mode": "offline"}),
                  *_ray(ray_head, state, **{"ray.train_launcher": "process"}))
     metrics = runs / job / "metrics.jsonl"
     deadline = time.time() + 300

@@ -38,7 +38,7 @@ def _significant_gain(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def grpo_run(bases):
-    return _run(bases, "grpo", **{"method.name": "grpo", "method.grpo.kl_beta": 0.04})
+    return _run(bases, "grpo", **{"method.name": "grpo", "method.grpo.kl_beta": 0.04, "tracking.mode": "offline"})
 
 
 def test_grpo_raises_the_heldout_reward_with_ratio_one_and_kl_zero_at_init(grpo_run):
@@ -49,14 +49,28 @@ def test_grpo_raises_the_heldout_reward_with_ratio_one_and_kl_zero_at_init(grpo_
     assert all(0.0 <= r["zero_std_groups"] <= 1.0 and r["clipfrac"] >= 0 for r in train)
 
 
+# DDPO, DPO and DRaFT train on 2 ranks, each drawing half of the 1-rank global batch: the gain is the method's, and
+# both ranks must end with the same adapter (their gradients were all-reduced).
+TWO_RANKS = {"rollout.batches_per_update": 1, "train.dump_rank_weights": "true"}
+
+
+def _run2(bases, run_id, base="flow", **kw):
+    out = run_ft(ft_overrides(bases, run_id, base, **TWO_RANKS, **kw), nproc=2)
+    H.check(out)
+    run = bases["tmp"] / "ftruns" / run_id
+    r0, r1 = (load_file(run / "rank_weights" / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    return run
+
+
 def test_ddpo_on_a_ddpm_model_raises_the_heldout_reward(bases):
-    run = _run(bases, "ddpo", "ddpm", **{"method.name": "ddpo"})
+    run = _run2(bases, "ddpo", "ddpm", **{"method.name": "ddpo"})
     _significant_gain(run)
     assert all(r["ratio_dev_first"] == 0.0 for r in rows(run) if "ratio_dev_first" in r)
 
 
 def test_dpo_on_policy_pairs_starts_at_ln2_and_wins_against_the_base(bases):
-    run = _run(bases, "dpo", **{"method.name": "dpo"})
+    run = _run2(bases, "dpo", **{"method.name": "dpo"})
     train = [r for r in rows(run) if "implicit_acc" in r]
     assert abs(train[0]["loss"] - math.log(2)) < 1e-6 and train[0]["inside_abs"] == 0.0
     assert train[0]["implicit_acc"] == 0.0 and max(r["implicit_acc"] for r in train) > 0.5
@@ -66,7 +80,7 @@ def test_dpo_on_policy_pairs_starts_at_ln2_and_wins_against_the_base(bases):
 
 
 def test_draft_reward_backprop_raises_the_heldout_reward(bases):
-    run = _run(bases, "draft", **{"method.name": "draft"})
+    run = _run2(bases, "draft", **{"method.name": "draft"})
     _significant_gain(run)
     assert all(r["grad_steps"] == 1 for r in rows(run) if "grad_steps" in r)  # DRaFT-1
 
