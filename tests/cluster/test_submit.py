@@ -12,7 +12,7 @@ from tessera.cluster.config import ClusterConfig, load_cluster_config
 from tessera.cluster.ray_train import exit_code
 from tessera.cluster.records import Attempt, JobRecord, JobStore
 from tessera.cluster.secrets import SecretLeakError, check_clean, is_secret_name, submit_environment
-from tessera.cluster.stages import progress_paths, ray_address_overrides
+from tessera.cluster.stages import progress_paths, ray_address_overrides, wandb_info
 from tessera.cluster.submit import SubmitRequest, submit
 from tessera.config import ConfigError, from_dict
 from tests.cluster.conftest import ROOT, tessera
@@ -97,6 +97,14 @@ def test_progress_probes_and_ray_addresses_come_from_the_resolved_config():
     ingest = {"output": "/o", "ray": {"address": None, "num_cpus": None}, "dedup": {"exact": True}}
     assert ray_address_overrides(ingest) == ["ray.address=auto"]
     assert ray_address_overrides({"distribute": {"backend": "ray", "address": "ray://h:1"}}) == []  # user's own
+
+
+def test_the_job_records_the_w_and_b_run_its_requeues_continue_unless_tracking_is_disabled():
+    job = {"run": {"root": "/r", "id": None}, "tracking": {"project": "p", "entity": "e", "mode": "online"}}
+    info = wandb_info(job, "team/job-1")
+    assert info["id"] == "team-job-1" and info["url"].endswith("/e/p/runs/team-job-1")
+    assert wandb_info({**job, "tracking": {"project": "p", "mode": "disabled"}}, "job-1") is None
+    assert wandb_info(job, None) is None
 
 
 def test_ray_train_maps_a_workers_preemption_exit_to_75():
