@@ -28,9 +28,18 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
-    # A one-process run still opens a process group: MASTER_PORT lets two of them share a machine.
-    master_port: int = field(default_factory=lambda: int(os.environ.get("MASTER_PORT", 29500)))
+    # A one-process run still opens a process group, on MASTER_PORT if set, else on a free port: two such runs
+    # on one machine would otherwise both take 29500 and the second would fail to start.
+    master_port: int = field(default_factory=lambda: _port_of_one_process())
     launcher: str = "single"
+
+
+def _port_of_one_process() -> int:
+    if os.environ.get("MASTER_PORT"):
+        return int(os.environ["MASTER_PORT"])
+    from tessera.trainer.launch import free_port
+
+    return free_port()
 
 
 def _slurm_master() -> str:
@@ -51,8 +60,10 @@ def detect_env() -> DistEnv:
         return DistEnv(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "initialized")
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "env")
+        world = int(env["WORLD_SIZE"])
+        port = int(env.get("MASTER_PORT", 29500)) if world > 1 else _port_of_one_process()
+        return DistEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                       port, "env")
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),

@@ -4,6 +4,7 @@ effect, and the memory estimate."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
@@ -163,7 +164,15 @@ def test_launch_environment_detection(monkeypatch):
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
-    assert detect_env().world_size == 1
+    one, other = detect_env(), detect_env()
+    assert one.world_size == 1 and one.launcher == "single"
+    # Without MASTER_PORT a one-process run takes a free port, so two of them can share a machine.
+    assert one.master_port != 29500 and other.master_port != 29500
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", one.master_port))  # it was free
+    monkeypatch.setenv("MASTER_PORT", "29877")
+    assert detect_env().master_port == 29877
+    monkeypatch.delenv("MASTER_PORT")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
