@@ -21,20 +21,31 @@ import pytest  # noqa: E402
 def ray_session():
     """One small embedded Ray runtime for the whole session (2 CPUs, 200 MB object store, no dashboard).
 
-    Ray allows one runtime per driver process, so every test that needs Ray shares this one.
+    Ray allows one runtime per driver process, so every test that needs Ray shares this one. Its own temp dir
+    (short: Ray's socket paths) keeps the two test workers' runtimes apart.
     """
+    import shutil
+    import tempfile
     from pathlib import Path
 
     import ray
 
     root = str(Path(__file__).resolve().parents[1])
+    temp_dir = tempfile.mkdtemp(prefix="tsr-rs-", dir="/tmp")
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root}})
+             runtime_env={"env_vars": {"PYTHONPATH": root}}, _temp_dir=temp_dir)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the multi-process DeepSpeed tests first: they are the slowest, so failures surface early, and
-    they then start from a quiet machine (no session Ray runtime or S3 server threads competing for 2 cores)."""
+    """Run the multi-process DeepSpeed tests first: they are the slowest, so failures surface early and the
+    two workers of ``make test`` (pytest-xdist, ``--dist loadgroup``) end together.
+
+    Each test file is one unit of work (its module fixtures, such as the resume tests' reference runs, are built
+    once, on one worker); the fine-tuning files share one unit, as they share the session's trained bases."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("distributed") else 1)
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("tests/finetune" if path.startswith("tests/finetune/") else path))

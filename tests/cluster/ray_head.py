@@ -83,6 +83,11 @@ class RayHead:
     def stop(self) -> None:
         """SIGTERM ``ray start --block`` (it stops what it started), then SIGKILL any process of the tree left."""
         procs = self.processes()
+        if self.proc is not None and self.proc.poll() is not None:  # it died during the session: keep its logs
+            kept = Path(tempfile.mkdtemp(prefix="tsr-ray-died-", dir="/tmp"))
+            shutil.copytree(self.temp_dir, kept / "head", ignore=shutil.ignore_patterns("*.sock", "sockets"),
+                            ignore_dangling_symlinks=True, dirs_exist_ok=True)
+            print(f"the Ray head exited {self.proc.returncode} during the session; its logs: {kept}", file=sys.stderr)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
