@@ -119,3 +119,99 @@ def test_submit_writes_valid_manifests_without_secrets_and_records_them(tmp_path
     status = subprocess.run([os.sys.executable, "-m", "tessera.cli", "jobs", "status", "--state-dir", str(state), job],
                             capture_output=True, text=True, cwd=ROOT)
     assert "WRITTEN" in status.stdout and "kubectl apply -f" in status.stdout
+
+
+# A stand-in for kubectl on PATH (no API server here): it records each call and answers `get -o json` with the
+# status the test writes, so what Tessera sends to kubectl and how it reads the answer are both checked.
+KUBECTL = r'''#!{python}
+import json, os, shutil, sys
+root = os.environ["FAKE_KUBECTL_DIR"]
+args = sys.argv[1:]
+with open(os.path.join(root, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+if os.path.exists(os.path.join(root, "fail")):
+    sys.stderr.write("error: the server doesn't have a resource type \"pytorchjobs\"\n")
+    sys.exit(1)
+if args[0] == "apply":
+    shutil.copy(args[args.index("-f") + 1], os.path.join(root, "applied.yaml"))
+    print("configmap/x created")
+elif args[0] == "get":
+    print(open(os.path.join(root, "status.json")).read())
+elif args[0] == "logs":
+    print("rank 0: step 1 loss 0.5")
+'''
+
+
+def _fake_kubectl(tmp_path: Path) -> dict:
+    bin_dir, root = tmp_path / "bin", tmp_path / "kubectl"
+    bin_dir.mkdir()
+    root.mkdir()
+    exe = bin_dir / "kubectl"
+    exe.write_text(KUBECTL.replace("{python}", os.sys.executable))
+    exe.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_KUBECTL_DIR=str(root), **CANARIES)
+
+
+def _calls(env: dict) -> list[list[str]]:
+    return [json.loads(line) for line in (Path(env["FAKE_KUBECTL_DIR"]) / "calls.jsonl").read_text().splitlines()]
+
+
+def test_with_kubectl_on_path_a_job_is_applied_followed_and_deleted(tmp_path):
+    from tests.cluster.conftest import tessera
+
+    state, env = tmp_path / "jobs", _fake_kubectl(tmp_path)
+    status = Path(env["FAKE_KUBECTL_DIR"]) / "status.json"
+    cl = cluster_overrides(state, **{"k8s.image": "registry.example.com/tessera:1", "k8s.namespace": "ml"})
+    job = submit("train", "--config", str(ROOT / "configs/train/tiny_dit.yaml"), "--backend", "k8s", "--nodes", "2",
+                 "--gpus-per-node", "1", *cl, env=env)
+    rec = json.loads((state / job / "record.json").read_text())
+    assert rec["state"] == "SUBMITTED" and rec["backend_id"].startswith("pytorchjob/")
+    assert _calls(env) == [["apply", "-f", str(state / job / "manifests.yaml")]]
+    applied = (Path(env["FAKE_KUBECTL_DIR"]) / "applied.yaml").read_text()
+    validate(list(yaml.safe_load_all(applied)))  # what reached kubectl is the validated manifest, without secrets
+    assert all(v not in applied for v in CANARIES.values())
+
+    def state_with(status_doc: dict, job: str = job) -> str:
+        status.write_text(json.dumps({"status": status_doc}))
+        out = tessera("jobs", "status", "--state-dir", str(state), job, env=env)
+        assert out.returncode == 0, out.stderr
+        return json.loads((state / job / "record.json").read_text())["state"]
+
+    assert state_with({}) == "PENDING"
+    assert state_with({"conditions": [{"type": "Created", "status": "True"},
+                                      {"type": "Running", "status": "True"}]}) == "RUNNING"
+    assert state_with({"conditions": [{"type": "Running", "status": "False"},
+                                      {"type": "Restarting", "status": "True"}]}) == "PENDING"  # a retried pod
+    name = rec["backend_id"].split("/", 1)[1]
+    assert _calls(env)[1] == ["get", "-n", "ml", rec["backend_id"], "-o", "json"]
+
+    logs = tessera("jobs", "logs", "--state-dir", str(state), job, env=env)
+    assert logs.returncode == 0 and "rank 0: step 1 loss 0.5" in logs.stdout, logs.stderr
+    assert _calls(env)[-1] == ["logs", "-n", "ml", "-l", f"training.kubeflow.org/job-name={name}"]
+    out = tessera("jobs", "cancel", "--state-dir", str(state), job, env=env)
+    assert out.returncode == 0, out.stderr
+    assert ["delete", "-n", "ml", rec["backend_id"]] in _calls(env)[-2:]
+    assert json.loads((state / job / "record.json").read_text())["state"] == "CANCELLED"
+    again = submit("train", "--config", str(ROOT / "configs/train/tiny_dit.yaml"), "--backend", "k8s", *cl, env=env)
+    assert state_with({"conditions": [{"type": "Running", "status": "False"},
+                                      {"type": "Succeeded", "status": "True"}]}, again) == "COMPLETED"
+
+    # A data stage is a RayJob, read from its job status.
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text("sources: [{kind: emoji, limit: 4}]\noutput: /data/emoji\nexecutor: ray\n")
+    data = submit("data", "ingest", "--config", str(cfg), "--backend", "k8s", *cl, env=env)
+    status.write_text(json.dumps({"status": {"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}}))
+    assert tessera("jobs", "status", "--state-dir", str(state), data, env=env).returncode == 0
+    assert json.loads((state / data / "record.json").read_text())["state"] == "COMPLETED"
+
+
+def test_a_kubectl_refusal_is_one_error_naming_the_written_manifests(tmp_path):
+    from tests.cluster.conftest import tessera
+
+    state, env = tmp_path / "jobs", _fake_kubectl(tmp_path)
+    (Path(env["FAKE_KUBECTL_DIR"]) / "fail").touch()
+    out = tessera("submit", "train", "--config", str(ROOT / "configs/train/tiny_dit.yaml"), "--backend", "k8s",
+                  *cluster_overrides(state, **{"k8s.image": "registry.example.com/tessera:1"}), env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "doesn't have a resource type" in out.stderr and "manifests.yaml" in out.stderr
+    assert "cluster.k8s.apply=never" in out.stderr
