@@ -25,6 +25,8 @@ class TrainHooks:
     """Callbacks into the layers above the trainer, built by the CLI."""
 
     evaluate: EvalFn | None = None
+    # The launcher's preemption notice, polled by the loop where no signal handler can run (Ray Train).
+    preemption: Callable[[], int | None] | None = None
 
 
 def _weights(ema, frags) -> dict:

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
+from typing import Callable
 
 from tessera.trainer import train_state as TS
 
@@ -18,19 +20,37 @@ EXIT_PREEMPTED = 75
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the loop finishes the current step, checkpoints and exits."""
+    """Set by SIGTERM/SIGUSR1; the loop finishes the current step, checkpoints and exits.
 
-    def __init__(self) -> None:
-        self.requested = False
+    Signal handlers can only be set on the main thread. Where training runs on another thread (Ray Train's
+    workers), ``notice() -> signum | None`` asks the launcher, which did receive the signal; it is polled at
+    most every ``every_s`` seconds, when the loop reads ``requested``."""
+
+    def __init__(self, notice: Callable[[], int | None] | None = None, every_s: float = 1.0) -> None:
+        self._requested = False
         self.signum: int | None = None
+        self._notice, self._every_s, self._polled = notice, every_s, 0.0
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(s, self._handler)
 
     def _handler(self, signum, _frame) -> None:
-        self.requested, self.signum = True, signum
-        log.warning("received %s: will checkpoint after this step and exit %d",
-                    signal.Signals(signum).name, EXIT_PREEMPTED)
+        self._set(signum, "received")
+
+    def _set(self, signum: int, how: str) -> None:
+        self._requested, self.signum = True, signum
+        log.warning("%s %s: will checkpoint after this step and exit %d", how, signal.Signals(signum).name,
+                    EXIT_PREEMPTED)
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process was asked to stop (by a signal, or by the launcher's notice)."""
+        if not self._requested and self._notice is not None and time.monotonic() - self._polled >= self._every_s:
+            self._polled = time.monotonic()
+            signum = self._notice()
+            if signum:
+                self._set(signum, "the launcher received")
+        return self._requested
 
 
 def after_step(st: TS.TrainState, skipped: bool, reason: str, max_consecutive: int, on_nonfinite: str,

@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger("tessera.launch")
 
@@ -76,25 +78,88 @@ def ray_train_loop(config: dict) -> None:
     from tessera.trainer.config import TrainJobConfig
     from tessera.trainer.loop import train
 
-    make_hooks = config.pop("_make_hooks", None)
+    from tessera.trainer.grids import TrainHooks
+
+    make_hooks, notice = config.pop("_make_hooks", None), config.pop("_preemption_notice", None)
     cfg = from_dict(TrainJobConfig, config, "ray train_loop_config")
-    code = train(cfg, make_hooks(cfg) if make_hooks else None)
+    hooks = make_hooks(cfg) if make_hooks else TrainHooks()
+    if notice:
+        hooks.preemption = _notice_reader(notice)
+    code = train(cfg, hooks)
     if code != 0:
         raise SystemExit(code)
 
 
-def run_on_ray(cfg, num_workers: int, make_hooks=None):
-    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each); returns Ray's ``Result``.
+class PreemptionNotice:
+    """A named Ray actor holding the signal the Ray Train driver received. Ray Train runs the training function
+    off its worker's main thread, where Python cannot install a signal handler, and a preempted node's driver is
+    the process that gets SIGTERM: the driver records it here and every worker's loop polls it (once a second),
+    then finishes the step, checkpoints and exits 75 as under any other launcher."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def set(self, signum: int) -> None:
+        """Record the signal."""
+        self.signum = signum
+
+    def get(self) -> int | None:
+        """The recorded signal, if any."""
+        return self.signum
+
+
+def _notice_reader(name: str):
+    import ray
+
+    actor = ray.get_actor(name)
+    return lambda: ray.get(actor.get.remote(), timeout=30)
+
+
+@dataclass
+class RayTrainOutcome:
+    """How a Ray Train fit ended: ``error`` is None when it finished, else the workers' failure (a worker that
+    checkpointed on preemption failed with ``SystemExit(75)``; ``cluster.ray_train.exit_code`` reads it)."""
+
+    error: BaseException | None
+
+
+def run_on_ray(cfg, num_workers: int, make_hooks=None) -> RayTrainOutcome:
+    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each).
 
     ``make_hooks(cfg) -> TrainHooks`` (picklable) builds in-training evaluation on each worker."""
     import torch
-    from ray.train import ScalingConfig
+    from ray.train import ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tessera.config import to_dict
 
+    import ray
+
+    from tessera.ray_runtime import RayConfig, ensure_ray
+
+    # A Ray job's driver joins its cluster (RAY_ADDRESS); else the embedded loopback runtime.
+    started = ensure_ray(RayConfig(address=os.environ.get("RAY_ADDRESS") or None))
+    name = f"tessera-preemption-{os.getpid()}-{time.time_ns()}"
+    notice = ray.remote(num_cpus=0)(PreemptionNotice).options(name=name).remote()
+
+    def forward(signum, _frame):
+        log.warning("received %s: asking the Ray Train workers to checkpoint and exit 75", signal.Signals(signum).name)
+        notice.set.remote(signum)
+
     use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(ray_train_loop, train_loop_config={**to_dict(cfg), "_make_hooks": make_hooks},
+    trainer = TorchTrainer(ray_train_loop, train_loop_config={**to_dict(cfg), "_make_hooks": make_hooks,
+                                                              "_preemption_notice": name},
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
-    return trainer.fit()
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)} if main else {}
+    try:
+        return RayTrainOutcome(trainer.fit().error)
+    except TrainingFailedError as e:  # Ray Train 2.x raises the workers' failure; earlier versions returned it
+        return RayTrainOutcome(e)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        ray.kill(notice)
+        if started:
+            ray.shutdown()

@@ -137,7 +137,7 @@ def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
         log.info("resumed from %s at step %d (%d samples)", resume_url, st.step, st.samples)
 
     accum, step_samples = cfg.optim.grad_accum, cfg.data.batch_size * world * cfg.optim.grad_accum
-    preempt, meter = PreemptionFlag(), Meter()
+    preempt, meter = PreemptionFlag(hooks.preemption), Meter()
     peak = device_peak_flops(device, lc.cpu_peak_tflops)
     t_start, exit_code, late = time.time(), 0, False
     bar = progress(total=lc.total_samples - st.samples, desc="train", unit="sample")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,30 +64,31 @@ def test_torchrun_launch_matches_nproc_spawn(work):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_train_entrypoint(work):
-    """Ray Train's TorchTrainer calls trainer.launch.ray_train_loop on 2 CPU workers."""
+def test_ray_train_workers_checkpoint_exit_75_when_the_driver_is_preempted_and_the_rerun_resumes(work):
+    """The Ray job driver (``python -m tessera.cluster.ray_train``) runs 2 Ray Train workers. SIGTERM reaches only
+    the driver, as on a preempted node: the workers still finish the step, checkpoint and exit 75, and so does the
+    driver; rerun, it resumes there and trains to the end."""
     tmp, enc, ds = work
-    script = f"""
-import ray
-from tessera.config import load_config
-from tessera.trainer.config import TrainJobConfig
-from tessera.trainer.launch import run_on_ray
-from tests.trainer import helpers as H
-from pathlib import Path
-cfg = load_config(TrainJobConfig, H.TINY_CONFIG, H.overrides(Path({str(tmp)!r}), "ray", {ds!r}, {enc!r},
-                  **{{"train.total_samples": 32}}))
-ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-         runtime_env={{"env_vars": {{k: v for k, v in H.env().items() if k in ("PYTHONPATH", "HF_HUB_OFFLINE",
-                        "WANDB_MODE", "TESSERA_NO_PROGRESS", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")}}}})
-res = run_on_ray(cfg, 2)
-assert res.error is None, res.error
-"""
-    out = subprocess.run([sys.executable, "-c", script], env=H.env(), cwd=H.ROOT, capture_output=True, text=True,
-                         timeout=600)
+    total = 480  # 60 steps of 2 x 4
+    cmd = [sys.executable, "-m", "tessera.cluster.ray_train", "--workers", "2", "--", "train", "--config",
+           str(H.TINY_CONFIG), *H.overrides(tmp, "ray", ds, enc, **{"train.total_samples": total})]
+    run = tmp / "runs" / "ray"
+    proc = H.start(cmd, RAY_ADDRESS="")
+    H.wait_for(proc, lambda: H.metric_lines(run) >= 3)
+    proc.send_signal(signal.SIGTERM)  # the driver only, not its process group
+    assert proc.wait(300) == 75, proc.stderr.read()[-3000:]
+    last = H.metrics(run)[-1]["step"]
+    assert 3 <= last < total // 8
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last:09d}"
+    assert (H.ckpt_dir(run, last) / "COMPLETE").exists()
+    assert "the launcher received SIGTERM" in (run / "logs" / "rank1.log").read_text()
+
+    out = subprocess.run(cmd, env=H.env(RAY_ADDRESS=""), cwd=H.ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = H.metrics(tmp / "runs" / "ray")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["samples"] == 32
-    assert (tmp / "runs" / "ray" / "checkpoints" / "step_000000004" / "COMPLETE").exists()
+    assert H.resumed_step(run) == last
+    rows = H.metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, total // 8 + 1)) and rows[-1]["samples"] == total
+    assert (H.ckpt_dir(run, total // 8) / "COMPLETE").exists()
 
 
 CANARIES = {"WANDB_API_KEY": "canaryWANDBkey0123456789abcdef0123456789", "AWS_SECRET_ACCESS_KEY": "canarySECRETaws777",
