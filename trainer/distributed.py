@@ -28,15 +28,15 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
-    # A one-process run still opens a process group, on MASTER_PORT if set, else on a free port: two such runs
-    # on one machine would otherwise both take 29500 and the second would fail to start.
+    # A one-process run still opens a process group, on a free port: two such runs on one machine would
+    # otherwise both take 29500 and the second would fail to start.
     master_port: int = field(default_factory=lambda: _port_of_one_process())
     launcher: str = "single"
 
 
 def _port_of_one_process() -> int:
-    if os.environ.get("MASTER_PORT"):
-        return int(os.environ["MASTER_PORT"])
+    """A free port: no peer has to find a one-process group, and a fixed one (29500, or the 20000 + job id a
+    Slurm batch script exports) may be held by another process on a shared node."""
     from tessera.trainer.launch import free_port
 
     return free_port()

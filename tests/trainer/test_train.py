@@ -166,13 +166,20 @@ def test_launch_environment_detection(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     one, other = detect_env(), detect_env()
     assert one.world_size == 1 and one.launcher == "single"
-    # Without MASTER_PORT a one-process run takes a free port, so two of them can share a machine.
+    # A one-process run takes a free port (no peer needs to find it), so two of them can share a machine, even
+    # when the environment names a port another process may hold (a Slurm script's 20000 + job id).
     assert one.master_port != 29500 and other.master_port != 29500
     with socket.socket() as s:
         s.bind(("127.0.0.1", one.master_port))  # it was free
-    monkeypatch.setenv("MASTER_PORT", "29877")
-    assert detect_env().master_port == 29877
-    monkeypatch.delenv("MASTER_PORT")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+        assert detect_env().master_port != held.getsockname()[1]
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        assert detect_env().master_port != held.getsockname()[1]
+    for k in ("MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
