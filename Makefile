@@ -20,8 +20,9 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-# Two pytest-xdist workers: one test file per unit of work (tests/conftest.py), most of a test's time is process
-# start-up and waiting on Slurm/Ray, so 2 workers keep both cores busy. TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, one test file per unit of work (--dist loadfile; xdist's loadgroup marks do not reach
+# pytest 9.2's node ids): much of a test's time is process start-up and waiting on Slurm or Ray, so two workers
+# keep both cores busy. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 .PHONY: test quickstart install apt-data clean-venv bench
@@ -55,7 +56,7 @@ apt-data:
 
 test: install
 	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The benchmarks (bench/*.py through bench/harness.py): each side >= 3 alternating runs, medians and spreads
 # printed, one JSON per script in bench/results/. About 12 minutes on the 2-core dev machine; run it on an

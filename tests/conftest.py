@@ -41,11 +41,6 @@ def ray_session():
 
 def pytest_collection_modifyitems(config, items):
     """Run the multi-process DeepSpeed tests first: they are the slowest, so failures surface early and the
-    two workers of ``make test`` (pytest-xdist, ``--dist loadgroup``) end together.
-
-    Each test file is one unit of work (its module fixtures, such as the resume tests' reference runs, are built
-    once, on one worker); the fine-tuning files share one unit, as they share the session's trained bases."""
+    two workers of ``make test`` (pytest-xdist, ``--dist loadfile``: each test file is one unit of work, so its
+    module fixtures, such as the resume tests' reference runs, are built once) end together."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("distributed") else 1)
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group("tests/finetune" if path.startswith("tests/finetune/") else path))
