@@ -59,7 +59,7 @@ test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The benchmarks (bench/*.py through bench/harness.py): each side >= 3 alternating runs, medians and spreads
-# printed, one JSON per script in bench/results/. About 12 minutes on the 2-core dev machine; run it on an
+# printed, one JSON per script in bench/results/. About 5 minutes on the 2-core dev machine; run it on an
 # otherwise idle machine. (bench/recaption.py and bench/adherence.py take longer and are run by hand.)
 bench: install apt-data
 	OMP_NUM_THREADS=1 $(PY) bench/ingest_vs_img2dataset.py --images 2200 --processes 2 --threads 16
