@@ -76,9 +76,8 @@ def ray_train_loop(config: dict) -> None:
     # Imported here: the process that only spawns ranks (``spawn_local``) stays free of torch and DeepSpeed.
     from tessera.config import from_dict
     from tessera.trainer.config import TrainJobConfig
-    from tessera.trainer.loop import train
-
     from tessera.trainer.grids import TrainHooks
+    from tessera.trainer.loop import train
 
     make_hooks, notice = config.pop("_make_hooks", None), config.pop("_preemption_notice", None)
     cfg = from_dict(TrainJobConfig, config, "ray train_loop_config")
@@ -127,14 +126,12 @@ def run_on_ray(cfg, num_workers: int, make_hooks=None) -> RayTrainOutcome:
     """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each).
 
     ``make_hooks(cfg) -> TrainHooks`` (picklable) builds in-training evaluation on each worker."""
+    import ray
     import torch
     from ray.train import ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tessera.config import to_dict
-
-    import ray
-
     from tessera.ray_runtime import RayConfig, ensure_ray
 
     # A Ray job's driver joins its cluster (RAY_ADDRESS); else the embedded loopback runtime.
