@@ -36,8 +36,6 @@ from tessera.config import dump_yaml, load_config, shipped_configs
 
 CONFIG_DIR = shipped_configs() / "quickstart"
 STAGES = ("ingest", "split", "recaption", "precompute", "step0", "train", "final")
-# Caption variants trained on with the recaption stage: the starting ratios, not yet tuned by measurement.
-RECAPTION_MIX = {"alt": 0.3, "attributes": 0.7}
 
 
 @dataclass(kw_only=True)
@@ -241,7 +239,8 @@ def train_config(opts: QuickstartOptions, paths: Paths, prompts: list[str]):
     cfg = load_config(TrainJobConfig, Path(opts.configs) / "train.yaml")
     cfg.run.root, cfg.run.id = str(paths.runs), "train"
     cfg.data.path = [str(paths.precomputed)]
-    cfg.data.caption_variants = dict(RECAPTION_MIX) if opts.recaption else {"alt": 1.0}
+    if not opts.recaption:  # the config's mix (data.caption_variants) draws the recaption stage's variant too
+        cfg.data.caption_variants = {"alt": 1.0}
     cfg.samples.prompts = list(prompts)
     paths.train_config.parent.mkdir(parents=True, exist_ok=True)
     paths.train_config.write_text(dump_yaml(cfg))
