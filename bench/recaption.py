@@ -1,8 +1,9 @@
 """Benchmark: the ``hf`` recaption path on Ray actors vs a plain transformers loop, images/s on the same images.
 
-Both sides caption the same ingested emoji and openclipart PNGs (several aspect buckets) with the same small random Qwen2-VL (built from a config and saved with
-``save_pretrained``, loaded back through ``AutoModelForImageTextToText``), the same batch size and the same
-sampling, batched alike (by aspect bucket within a shard). The plain loop is one process: read a shard, decode a batch, run the processor, ``generate``, decode the
+Both sides caption the same ingested emoji and openclipart PNGs (several aspect buckets) with the same small random
+Qwen2-VL (built from a config and saved with ``save_pretrained``, loaded back through
+``AutoModelForImageTextToText``), the same batch size and the same sampling, batched alike (by aspect bucket within
+a shard). The plain loop is one process: read a shard, decode a batch, run the processor, ``generate``, decode the
 text, next batch. Tessera is ``run_recaption`` with ``--actors`` Ray actors: each holds the model, takes whole
 shards, and prepares the next batches (decode + processor) in a thread while ``generate`` runs. Filters keep every
 non-empty caption (``reject: []``), so both sides generate the same number of captions. The plain loop's time
