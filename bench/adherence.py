@@ -155,12 +155,23 @@ def prepare(name: str, work: Path) -> tuple[Path, Path, dict]:
 
 
 def train(data: Path, run_root: Path, run_id: str, minutes: float, nproc: int, sets: list[str]) -> Path:
-    """The quickstart's training config on ``data`` for ``minutes`` (fresh run); returns the run directory."""
+    """The quickstart's training config on ``data`` for ``minutes`` (fresh run); returns the run directory.
+
+    A finished run of the work dir is reused only if it was trained with the same resolved config and rank count:
+    a change to ``configs/quickstart/train.yaml`` (or ``--set``) trains afresh."""
+    import shutil
+
+    from tessera.config import dump_yaml, load_config
+    from tessera.trainer.config import TrainJobConfig
+
     run_dir = run_root / run_id
-    if (run_dir / "checkpoints" / "latest").exists():
-        return run_dir
     ovs = [f"data.path={data}", f"run.root={run_root}", f"run.id={run_id}", f"train.max_minutes={minutes}",
            "samples.enabled=false", "tracking.mode=disabled", *sets]
+    resolved = f"nproc: {nproc}\n" + dump_yaml(load_config(TrainJobConfig, REPO / "configs/quickstart/train.yaml", ovs))
+    stamp = run_dir / "bench_config.yaml"
+    if (run_dir / "checkpoints" / "latest").exists() and stamp.exists() and stamp.read_text() == resolved:
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TESSERA_NO_PROGRESS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
     cmd = [sys.executable, "-m", "tessera.cli", "train", "--config", str(REPO / "configs/quickstart/train.yaml"),
@@ -168,6 +179,7 @@ def train(data: Path, run_root: Path, run_id: str, minutes: float, nproc: int, s
     proc = subprocess.run(cmd, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({proc.returncode}): {run_dir}/logs")
+    stamp.write_text(resolved)
     return run_dir
 
 
