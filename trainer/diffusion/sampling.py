@@ -1,19 +1,20 @@
 """The sampling loop and sampler selection.
 
 ``sample(model_fn, sampler, shape, cond, uncond, cfg_scale, steps, generator)`` draws x_T from a CPU
-generator (so a seed gives the same image on any device), runs the sampler with classifier-free guidance,
-and returns x_0 in float32. ``build_sampler(cfg, objective_cfg)`` makes a sampler whose schedule and
-parameterization match the objective the model was trained with.
+generator (so a seed gives the same image on any device), runs the sampler with classifier-free guidance
+(in every step, or only within ``guidance_interval``), and returns x_0 in float32.
+``build_sampler(cfg, objective_cfg)`` makes a sampler whose schedule and parameterization match the objective
+the model was trained with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from tessera.trainer.diffusion.guidance import cat_cond, guided_output
+from tessera.trainer.diffusion.guidance import cat_cond, check_interval, guidance_on, guided_output
 from tessera.trainer.diffusion.objectives import ObjectiveConfig
 from tessera.trainer.diffusion.samplers import SAMPLERS, Sampler
 
@@ -30,10 +31,14 @@ class SamplerConfig:
     sigma_min: float = 0.002  # edm_heun
     sigma_max: float = 80.0  # edm_heun
     rho: float = 7.0  # edm_heun
+    # Guide only at noise levels in [lo, hi] (0 clean .. 1 pure noise, the flow time of the same signal-to-noise
+    # ratio: sigma / (1 + sigma) in EDM's sigma); plain conditional steps elsewhere. None: every step.
+    guidance_interval: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_interval(self.guidance_interval)
 
 
 def build_sampler(cfg: SamplerConfig, objective: ObjectiveConfig) -> Sampler:
@@ -66,8 +71,10 @@ def sample(
     steps: int = 28,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    guidance_interval: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Generate a (B, C, H, W) batch; guidance runs cond and uncond in one forward when cfg_scale != 1."""
+    """Generate a (B, C, H, W) batch; guidance runs cond and uncond in one forward when cfg_scale != 1, at every
+    step or at the steps whose noise level lies in ``guidance_interval``."""
     sampler.set_timesteps(steps, image_shape=tuple(shape))
     gen_device = generator.device if generator is not None else torch.device("cpu")
     x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
@@ -76,6 +83,7 @@ def sample(
     for t in sampler.timesteps:
         x_in, t_model = sampler.model_input(x, t)
         timestep = torch.full((shape[0],), t_model, device=x.device, dtype=torch.float32)  # (B,)
-        out = guided_output(model_fn, x_in, timestep, cond, both, cfg_scale)
+        guide = both if both is not None and guidance_on(guidance_interval, sampler.noise_level(t)) else None
+        out = guided_output(model_fn, x_in, timestep, cond, guide, cfg_scale)
         x = sampler.step(out, t, x, generator=generator)
     return x

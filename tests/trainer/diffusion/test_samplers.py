@@ -206,3 +206,51 @@ def test_cat_cond_structures():
     assert pair[0].shape == (4, 1) and pair[1]["k"].shape == (4, 3)
     with pytest.raises(ValueError):
         cat_cond({"a": torch.ones(1)}, {"b": torch.ones(1)})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_noise_level_is_one_scale_for_every_sampler(case):
+    # Every sampler reports the flow time of the same signal-to-noise ratio: descending from ~1 toward 0 over its
+    # table, and equal to sigma / (1 + sigma) of the noise-to-signal ratio the oracle model sees at that step.
+    scfg, ocfg, _ = CASES[case]
+    sampler = build_sampler(scfg, ocfg)
+    sampler.set_timesteps(10, image_shape=(1, 4, 8, 8))
+    levels = [sampler.noise_level(t) for t in sampler.timesteps]
+    assert all(0.0 <= v <= 1.0 for v in levels)
+    assert all(a >= b for a, b in zip(levels, levels[1:])) and levels[0] > 0.9 and levels[-1] < 0.3, levels
+    t = sampler.timesteps[len(sampler.timesteps) // 2]
+    if ocfg.name == "ddpm":
+        ab = float(np.interp(float(t), np.arange(1000), alphas_cumprod(ocfg.ddpm.schedule).double().numpy()))
+        sigma = ((1 - ab) / ab) ** 0.5
+    elif ocfg.name == "flow":
+        ft = float(t) / ocfg.flow.timestep_scale
+        sigma = ft / (1 - ft)
+    else:
+        sigma = float(t)
+    assert abs(sampler.noise_level(t) - sigma / (1 + sigma)) < 1e-3
+
+
+def test_guidance_interval_guides_only_inside_it():
+    scfg = SamplerConfig(name="euler", guidance_interval=[0.2, 0.7])
+    sampler = build_sampler(scfg, ObjectiveConfig(name="flow"))
+    model = TinyModel()
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    kw = dict(cond=_cond(2), uncond=_cond(1, 9), cfg_scale=4.0, steps=10)
+    every = sample(model, sampler, (2, 4, 8, 8), generator=g(), **kw)
+    model.calls.clear()
+    some = sample(model, sampler, (2, 4, 8, 8), generator=g(), guidance_interval=scfg.guidance_interval, **kw)
+    # Flow times 1, 0.89, ..., 0.0; the steps at 0.67, 0.56, 0.44, 0.33 and 0.22 run cond + uncond (batch 4).
+    inside = [0.2 <= float(t) / 1000 <= 0.7 for t in sampler.timesteps]
+    assert sum(inside) == 5 and model.calls == [4 if i else 2 for i in inside]
+    plain = sample(model, sampler, (2, 4, 8, 8), _cond(2), None, steps=10, generator=g())
+    assert not torch.allclose(some, every) and not torch.allclose(some, plain)
+    # An interval holding every step is full guidance; one holding none is the conditional model alone.
+    whole = sample(model, sampler, (2, 4, 8, 8), generator=g(), guidance_interval=[0.0, 1.0], **kw)
+    empty = sample(model, sampler, (2, 4, 8, 8), generator=g(), guidance_interval=[0.95, 0.99], **kw)
+    assert torch.equal(whole, every) and torch.equal(empty, plain)
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.2], [0.0, 1.5], [-0.1, 0.5], [0.3]])
+def test_guidance_interval_is_validated(bad):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        SamplerConfig(guidance_interval=bad)

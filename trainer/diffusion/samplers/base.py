@@ -5,13 +5,17 @@ A sampler follows diffusers' scheduler contract so single steps can be compared 
 * ``set_timesteps(n)`` fills ``timesteps`` (the values to iterate over, one per model evaluation);
 * ``model_input(x, t) -> (x_in, timestep)``: what the network sees (scaled input, scalar timestep in the
   units the objective trained with);
-* ``step(model_output, t, x, generator=None) -> x_next``: one update from the raw network output.
+* ``step(model_output, t, x, generator=None) -> x_next``: one update from the raw network output;
+* ``noise_level(t) -> float``: how noisy the input at table value ``t`` is, on one scale for every objective
+  (below), so a guidance interval means the same thing for a flow, DDPM or EDM model.
 
 Samplers keep per-run state (step index, multistep history), so ``set_timesteps`` must be called first.
 Stochastic steps draw noise from a CPU ``torch.Generator`` and move it to ``x.device``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,6 +29,21 @@ def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     dev = generator.device if generator is not None else torch.device("cpu")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     return torch.randn(x.shape, generator=generator, device=dev, dtype=dtype).to(x.device, x.dtype)
+
+
+def level_from_sigma(sigma: float) -> float:
+    """The noise level sigma / (1 + sigma) of a noise-to-signal ratio sigma (EDM's sigma; inf -> 1).
+
+    It is the rectified-flow time with the same signal-to-noise ratio: x_t = (1 - t) x0 + t eps has
+    sigma = t / (1 - t). 0 is clean data, 1 pure noise.
+    """
+    return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+
+
+def level_from_alpha_bar(alpha_bar: float) -> float:
+    """The noise level of a VP (DDPM) step: sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab)), 1 at zero terminal SNR."""
+    a, s = math.sqrt(max(alpha_bar, 0.0)), math.sqrt(max(1.0 - alpha_bar, 0.0))
+    return s / (a + s)
 
 
 class Sampler:
@@ -47,3 +66,7 @@ class Sampler:
     ) -> torch.Tensor:
         """Advance ``x`` from table value ``t`` to the next one."""
         raise NotImplementedError
+
+    def noise_level(self, t: torch.Tensor) -> float:
+        """The noise level in [0, 1] (``level_from_sigma``) of the input at table value ``t``."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its noise level")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig
-from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, step_noise
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, level_from_alpha_bar, step_noise
 from tessera.trainer.diffusion.samplers.discrete import Spacing, spaced_timesteps, to_x0_eps
 from tessera.trainer.diffusion.schedules import alphas_cumprod
 
@@ -38,6 +38,10 @@ class DDIMSampler(Sampler):
     def set_timesteps(self, n: int, *, image_shape: tuple[int, ...] | None = None) -> None:
         """Use n of the T training timesteps, spaced by ``timestep_spacing``."""
         self.timesteps = torch.from_numpy(spaced_timesteps(self.num_train, n, self.spacing))
+
+    def noise_level(self, t):
+        """From alpha_bar at the integer timestep ``t``."""
+        return level_from_alpha_bar(float(self.alphas_cumprod[int(t)]))
 
     def prev_timestep(self, t: int) -> int:
         """The next timestep in the table after t, or -1 after the last one.

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu
-from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, level_from_sigma
 from tessera.trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
 
 
@@ -53,6 +53,12 @@ class DPMSolverSampler(Sampler):
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         self._i = 0
         self._prev_x0: torch.Tensor | None = None
+
+    def noise_level(self, t):
+        """The flow time for flow models; from the VE sigma of the integer timestep for DDPM ones."""
+        if self.flow:
+            return float(t) / self.cfg.timestep_scale
+        return level_from_sigma(float(self.table[int(t)]))
 
     def alpha_sigma(self, s: float) -> tuple[float, float]:
         """(alpha_t, sigma_t) of the VP/flow process at table noise level s."""

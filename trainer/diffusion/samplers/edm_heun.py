@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tessera.trainer.diffusion.objectives import EDMObjective, EDMObjectiveConfig
-from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, level_from_sigma
 from tessera.trainer.diffusion.schedules import karras_sigmas
 
 
@@ -40,6 +40,10 @@ class EDMHeunSampler(Sampler):
         """c_in(sigma) x and c_noise(sigma) = ln(sigma) / 4."""
         _, _, c_in, c_noise = self.edm.precondition(torch.as_tensor(float(t), dtype=torch.float64))
         return x * float(c_in), float(c_noise)
+
+    def noise_level(self, t):
+        """The table value is sigma."""
+        return level_from_sigma(float(t))
 
     def denoised(self, model_output: torch.Tensor, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """D(x; sigma) = c_skip x + c_out F from the raw network output F."""

@@ -8,7 +8,7 @@ import torch
 
 from tessera.trainer.diffusion import schedules
 from tessera.trainer.diffusion.objectives import DDPMObjectiveConfig, FlowObjectiveConfig, flow_mu, flow_velocity
-from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler
+from tessera.trainer.diffusion.samplers.base import SAMPLERS, Sampler, level_from_sigma
 from tessera.trainer.diffusion.samplers.discrete import Spacing
 from tessera.trainer.diffusion.schedules import alphas_cumprod, ddpm_sigmas
 
@@ -51,6 +51,10 @@ class FlowEulerSampler(Sampler):
         s, s_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
         self._i += 1
         return x + (s_next - s) * flow_velocity(self.cfg, model_output, x, s, exact=True)
+
+    def noise_level(self, t):
+        """The flow time itself."""
+        return float(t) / self.cfg.timestep_scale
 
 
 @SAMPLERS.register("euler_discrete")
@@ -100,3 +104,7 @@ class EulerDiscreteSampler(Sampler):
         else:
             x0 = model_output
         return x + (x - x0) / s * (s_next - s)
+
+    def noise_level(self, t):
+        """From the VE sigma at the fractional timestep ``t``."""
+        return level_from_sigma(float(np.interp(float(t), np.arange(self.num_train), self.table.numpy())))
