@@ -147,6 +147,24 @@ def test_flow_t_distributions():
     assert big.median() > t.median()  # more tokens -> more noise
 
 
+def test_flow_uniform_mixture_matches_its_cdf_and_keeps_plain_draws():
+    n = 200_000
+    cfg = dict(t_sampling="logit_normal", logit_mean=1.5, logit_std=1.0)
+    draw = lambda **kw: FlowObjective(FlowObjectiveConfig(**cfg, **kw)).sample_t(  # noqa: E731
+        n, (1, 3, 32, 32), torch.Generator().manual_seed(1), "cpu")
+    plain, mixed = draw(), draw(uniform_mix=0.25)
+    assert torch.equal(plain, draw(uniform_mix=0.0))  # no mixture: the same draws as before the option existed
+    assert mixed.min() >= 0 and mixed.max() < 1
+    # Empirical CDF against p x + (1 - p) Phi((logit x - m) / s), at points where the two components differ most.
+    for x in (0.1, 0.3, 0.5, 0.8, 0.95):
+        phi = 0.5 * (1 + math.erf((math.log(x / (1 - x)) - 1.5) / math.sqrt(2)))
+        assert abs(float((mixed <= x).double().mean()) - (0.25 * x + 0.75 * phi)) < 0.004, x
+    # The low-noise end the plain logit-normal all but skips gets the mixture's uniform share.
+    assert float((plain < 0.2).double().mean()) < 0.005 and float((mixed < 0.2).double().mean()) > 0.05
+    with pytest.raises(ValueError, match="uniform_mix"):
+        FlowObjectiveConfig(uniform_mix=1.0)
+
+
 def test_edm_preconditioning_identities():
     obj = EDMObjective(EDMObjectiveConfig(sigma_data=0.5))
     x0, eps = _x0(seed=0), _x0(seed=1)
