@@ -178,7 +178,7 @@ class GuardConfig:
     reward: list[RewardTerm] | None = None
     seeds: int = 2  # images per held-out prompt, at fixed seeds
     seed: int = 0
-    sampler: SamplerConfig | None = None  # deterministic sampler; null: the checkpoint's, at rollout.cfg_scale
+    sampler: SamplerConfig | None = None  # deterministic sampler; null: the checkpoint's, guided as the rollouts are
     kl: bool = True  # KL of policy to reference along the policy's SDE trajectories
     fid_reference: str | None = None  # real held-out images (folder, dataset, .tar); null: no FID/KID
     fid_network: str | None = None

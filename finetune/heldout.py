@@ -57,7 +57,9 @@ class HeldOut:
         self.items = [(p, s) for p in range(len(self.prompts)) for s in range(cfg.seeds)]
         self.seeds = [image_seed(cfg.seed, p, s) for p, s in self.items]
         self.captions = [self.prompts[p] for p, _ in self.items]
-        self.sampler = cfg.sampler or dataclasses.replace(base.sampler, cfg_scale=rollout.cfg_scale)
+        # The rollouts' guidance (every step, at rollout.cfg_scale): what the fine-tuning optimises is what is scored.
+        self.sampler = cfg.sampler or dataclasses.replace(base.sampler, cfg_scale=rollout.cfg_scale,
+                                                          guidance_interval=None)
         self.rollout, self.latent_shape = rollout, latent_shape
         self.sde = GaussianPolicy(base.objective, rollout.steps, eta=rollout.eta, noise_level=rollout.noise_level,
                                   image_shape=(1, *latent_shape), spacing=base.sampler.timestep_spacing,

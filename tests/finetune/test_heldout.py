@@ -41,6 +41,25 @@ def test_early_stop_only_when_the_reward_rose_and_a_bound_passed():
     assert HeldOut.bound_passed(guard, {"reward": 0.3, "base_reward": 0.4, "kl": 9.0}) is None
 
 
+def test_held_out_images_are_guided_as_the_rollouts_are():
+    # A base checkpoint that samples with a guidance interval: the held-out images still use the rollouts' guidance
+    # (every step, rollout.cfg_scale), unless the config names its own sampler.
+    from tessera.finetune.config import RolloutConfig
+    from tessera.trainer.diffusion.objectives import ObjectiveConfig
+    from tessera.trainer.diffusion.sampling import SamplerConfig
+
+    base = SimpleNamespace(sampler=SamplerConfig(name="euler", steps=8, cfg_scale=3.0, guidance_interval=[0.3, 1.0]),
+                           objective=ObjectiveConfig(name="flow"))
+    rollout = RolloutConfig(steps=8, cfg_scale=4.5)
+    prompts = SimpleNamespace(load=lambda: ["a red apple"])
+    cfg = SimpleNamespace(prompts=prompts, seeds=2, seed=0, sampler=None)
+    held = HeldOut(cfg, base, rollout, None, None, "cpu", (3, 8, 8))
+    assert (held.sampler.cfg_scale, held.sampler.guidance_interval, held.sampler.steps) == (4.5, None, 8)
+    own = SamplerConfig(name="euler", steps=4, cfg_scale=2.0, guidance_interval=[0.1, 1.0])
+    assert HeldOut(SimpleNamespace(**{**vars(cfg), "sampler": own}), base, rollout, None, None, "cpu",
+                   (3, 8, 8)).sampler is own
+
+
 def _png(colour) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 10), colour).save(buf, format="PNG")
