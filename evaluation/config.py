@@ -25,6 +25,7 @@ class SamplingConfig:
     sampler: str | None = None  # a trainer sampler: ddpm | ddim | dpmpp_2m | euler | euler_discrete | edm_heun
     steps: int | None = None
     cfg_scale: float | None = None
+    guidance_interval: list[float] | None = None  # [lo, hi] noise levels where CFG applies (trainer SamplerConfig)
     height: int | None = None  # pixels
     width: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -146,7 +147,7 @@ def resolve_spec(s: SamplingConfig, base_sampler: dict, base_size: tuple[int, in
     """The suite's sampling settings over a checkpoint's defaults, validated as a trainer ``SamplerConfig``."""
     from tessera.trainer.diffusion.sampling import SamplerConfig  # imports torch: not needed to load a suite
 
-    over = {"name": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale}
+    over = {"name": s.sampler, "steps": s.steps, "cfg_scale": s.cfg_scale, "guidance_interval": s.guidance_interval}
     merged = dict(base_sampler, **{k: v for k, v in over.items() if v is not None})
     sampler = to_dict(from_dict(SamplerConfig, merged, "sampling"))
     return SamplingSpec(sampler=sampler, height=s.height or base_size[0], width=s.width or base_size[1],

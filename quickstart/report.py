@@ -122,6 +122,12 @@ def adherence_section(rows: list[dict], data: dict) -> list:
     return out
 
 
+def guidance_note(sampler) -> str:
+    """" at noise levels lo-hi" when the sampler guides within an interval, else ""."""
+    iv = sampler.guidance_interval
+    return "" if iv is None else f" at noise levels {iv[0]:g}-{iv[1]:g}"
+
+
 def grids_section(paths, data: dict, cfg, grid_items) -> list:
     """Sample grids at step 0 and after every training segment, beside the held-out real images."""
     sampler = cfg.samples.sampler
@@ -130,7 +136,7 @@ def grids_section(paths, data: dict, cfg, grid_items) -> list:
         ref = reference_grid(grid_items, (cfg.samples.height, cfg.samples.width))
         figs.append(R.figure(R.png_data_uri(ref), "held-out real images (never trained on)"))
     return [R.el("p", f"EMA weights, held-out captions, sampler {sampler.name} with {sampler.steps} steps, "
-                      f"CFG {sampler.cfg_scale}, same seed in every grid.", class_="muted"),
+                      f"CFG {sampler.cfg_scale}{guidance_note(sampler)}, same seed in every grid.", class_="muted"),
             R.el("div", *figs, class_="grids")]
 
 

@@ -28,6 +28,8 @@ def add_commands(sub, make_hooks=None) -> None:
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at noise levels in [LO, HI] (0 clean .. 1 noise); default: the checkpoint's")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | euler_discrete | edm_heun")
     s.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
@@ -68,7 +70,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tessera.trainer.inference import sample_from
 
     sample_from(args.checkpoint, args.prompt, out=args.out, height=args.height, width=args.width, steps=args.steps,
-                cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, use_ema=not args.raw)
+                cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, use_ema=not args.raw,
+                guidance_interval=args.guidance_interval)
     print(args.out)
     return 0
 

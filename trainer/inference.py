@@ -24,7 +24,7 @@ from tessera.config import from_dict, load_config
 from tessera.device import pick_device
 from tessera.trainer import checkpoint as C
 from tessera.trainer.autoencoders import AutoencoderConfig, build_autoencoder
-from tessera.trainer.diffusion.guidance import cat_cond, guided_output
+from tessera.trainer.diffusion.guidance import cat_cond, guidance_on, guided_output
 from tessera.trainer.diffusion.objectives import ObjectiveConfig
 from tessera.trainer.diffusion.sampling import SamplerConfig, build_sampler
 from tessera.trainer.text_encoders import TextEncoderConfig, build_text_encoder
@@ -88,7 +88,8 @@ def sample_seeded(model, text_encoder, autoencoder, sampler_cfg: SamplerConfig, 
     for t in samplers[0].timesteps:
         x_in, t_model = samplers[0].model_input(x, t)  # every sampler sits at the same step
         timestep = torch.full((x.shape[0],), t_model, device=x.device, dtype=torch.float32)  # (B,)
-        out = guided_output(model_fn, x_in, timestep, cond, both, sampler_cfg.cfg_scale)
+        on = both is not None and guidance_on(sampler_cfg.guidance_interval, samplers[0].noise_level(t))
+        out = guided_output(model_fn, x_in, timestep, cond, both if on else None, sampler_cfg.cfg_scale)
         x = torch.cat([s.step(out[i:i + 1], t, x[i:i + 1], generator=gens[i]) for i, s in enumerate(samplers)])
     model.train(was_training)
     return to_pil(autoencoder.decode(x))  # decode: (B, C, h, w) -> (B, 3, H, W)
@@ -211,12 +212,12 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
 
 def sample_from(checkpoint: str, prompts: list[str], *, out: str, height: int | None = None, width: int | None = None,
                 steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, sampler: str | None = None,
-                use_ema: bool = True) -> None:
+                use_ema: bool = True, guidance_interval: list[float] | None = None) -> None:
     """``tessera sample``: a captioned grid PNG of one image per prompt."""
     model, te, ae, obj_cfg, smp_cfg, (h0, w0) = load_for_sampling(checkpoint, use_ema)
-    smp_cfg = dataclasses.replace(smp_cfg, **{k: v for k, v in
-                                              {"steps": steps, "cfg_scale": cfg_scale, "name": sampler}.items()
-                                              if v is not None})
+    over = {"steps": steps, "cfg_scale": cfg_scale, "name": sampler,
+            "guidance_interval": None if guidance_interval is None else list(guidance_interval)}
+    smp_cfg = dataclasses.replace(smp_cfg, **{k: v for k, v in over.items() if v is not None})
     device = next(model.parameters()).device
     images = generate(model, te, ae, smp_cfg, obj_cfg, prompts, height=height or h0, width=width or w0, seed=seed,
                       device=device)

@@ -354,6 +354,39 @@ def test_real_model_images_do_not_depend_on_batching(tiny_run):
     assert np.abs(together[0] - np.asarray(gen([prompts[0]], [12])[0], np.int16)).max() > 10  # seeds matter
 
 
+def test_suite_guidance_interval_reaches_the_sampler(tiny_run):
+    # A suite's guidance_interval overrides the checkpoint's sampler and changes which steps are guided.
+    from tessera.evaluation.config import SamplingConfig, resolve_spec
+
+    base = {"name": "euler", "steps": 4, "cfg_scale": 3.0}
+    images = {}
+    for name, over in [("every", {}), ("whole", {"guidance_interval": [0.0, 1.0]}),
+                       ("middle", {"guidance_interval": [0.3, 0.9]}), ("none", {"guidance_interval": [0.95, 0.99]}),
+                       ("cfg1", {"cfg_scale": 1.0})]:
+        spec = resolve_spec(SamplingConfig(**over), base, (16, 16))
+        assert spec.sampler["guidance_interval"] == over.get("guidance_interval")
+        gen = G.CheckpointFactory(str(tiny_run), spec, device="cpu")()
+        images[name] = np.asarray(gen(["a red apple"], [7])[0], np.int16)
+    assert np.array_equal(images["every"], images["whole"])  # [0, 1] holds every step
+    assert np.array_equal(images["none"], images["cfg1"])  # no step inside: the conditional model alone
+    assert np.abs(images["middle"] - images["every"]).max() > 0 and np.abs(images["middle"] - images["cfg1"]).max() > 0
+    with pytest.raises(Exception, match="guidance_interval"):
+        resolve_spec(SamplingConfig(guidance_interval=[0.8, 0.2]), base, (16, 16))
+
+
+def test_sample_command_takes_a_guidance_interval(tiny_run, tmp_path):
+    from tessera.cli import main
+
+    def grid(*extra):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+        assert main(["sample", "--checkpoint", str(tiny_run), "--prompt", "a red apple", "--steps", "4",
+                     "--sampler", "euler", "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(out).convert("RGB"), np.int16)
+
+    guided, none, cfg1 = grid("--cfg", "3"), grid("--cfg", "3", "--guidance-interval", "0.95", "0.99"), grid("--cfg", "1")
+    assert np.array_equal(none, cfg1) and np.abs(guided - cfg1).max() > 0
+
+
 @pytest.mark.slow
 def test_end_to_end_eval_of_tiny_checkpoints(tmp_path, tiny_run, reference_folder, stats_dir):
     from tessera.evaluation.cli import main
