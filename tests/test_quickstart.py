@@ -109,6 +109,7 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     assert report.count("polyline") >= 2  # the loss and the caption-gain curves
     assert report.count("data:image/png;base64,") >= 4 and "<svg" in report and "polyline" in report
     assert "FID" in report and "MFU" in report and "samples/s" in report
+    assert "CFG 4.0 at noise levels 0.3-1," in report  # the recipe's guidance interval, as the grids were sampled
     assert list((out / "runs" / "train" / "wandb").glob("offline-run-*"))
     assert "wandb sync" in proc.stdout and str(out / "report.html") in proc.stdout
 
