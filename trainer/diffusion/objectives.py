@@ -191,7 +191,7 @@ class FlowObjective:
             # logit-normal: both are uniform on [0, 1) given the branch, so one draw per sample still suffices.
             p = c.uniform_mix
             uni = u < p
-            v = torch.where(uni, u / max(p, 1e-12), (u - p) / (1 - p)) if p > 0 else u
+            v = torch.where(uni, u / p, (u - p) / (1 - p)) if p > 0 else u
             z = math.sqrt(2.0) * torch.erfinv(2 * v.clamp(1e-12, 1 - 1e-12) - 1)
             ln = torch.sigmoid(c.logit_mean + c.logit_std * z)
             u = torch.where(uni, v, ln) if p > 0 else ln
