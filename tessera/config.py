@@ -196,13 +196,37 @@ def _build(cls: type[T], data: dict, key: str, source: str) -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check(data[name], hints[name], f"{prefix}{name}", source)
+            value = _onto_factory_default(f, hints[name], data[name])
+            kwargs[name] = _check(value, hints[name], f"{prefix}{name}", source)
         elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
             raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ validation
         raise ConfigError(f"{source}: {key or cls.__name__}: {e}") from None
+
+
+def _onto_factory_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial section laid over what its field's ``default_factory`` chose.
+
+    A parent may give a section defaults of its own (fine-tuning's ``DeepSpeedConfig(reduce_bucket_size=1M)``);
+    ``deepspeed: {stage: 2}`` in a file must then change the stage only, not reset the bucket to the section
+    class's own default. Only the values where the factory differs from the class's defaults are carried."""
+    _, inner = _is_optional(tp)
+    if not isinstance(value, dict) or f.default_factory is _MISSING or not _is_dataclass_type(inner):  # type: ignore[misc]
+        return value
+    try:
+        made = f.default_factory()  # type: ignore[misc]
+    except (TypeError, ValueError):  # a factory that needs the required keys the file gives
+        return value
+    if type(made) is not inner or ("name" in value and getattr(made, "name", value["name"]) != value["name"]):
+        return value
+    chosen = to_dict(made)
+    try:
+        plain = to_dict(inner())
+    except (TypeError, ValueError):  # no defaults of its own: everything the factory set is its choice
+        plain = {}
+    return deep_merge({k: v for k, v in chosen.items() if plain.get(k, _MISSING) != v}, value)
 
 
 def validate_keys(cls: type, data: dict, source: str, key: str = "") -> None:

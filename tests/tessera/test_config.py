@@ -156,3 +156,25 @@ def test_circular_base_is_an_error(tmp_path):
     write(tmp_path, "b.yaml", "base: [a.yaml]\n")
     with pytest.raises(ConfigError, match="circular"):
         load_config(Job, tmp_path / "a.yaml")
+
+
+@dataclass(kw_only=True)
+class FineJob:
+    # A parent that picks its own defaults for a section (as fine-tuning does for deepspeed.reduce_bucket_size).
+    train: Train = field(default_factory=lambda: Train(lr=3e-4, tags=["ft"]))
+
+
+def test_a_partial_section_keeps_the_defaults_its_parent_chose(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train: {steps: 99}\n")
+    cfg = load_config(FineJob, path)
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.tags) == (99, 3e-4, ["ft"])
+    assert load_config(FineJob, path, ["train.lr=1e-2"]).train.lr == 1e-2  # an explicit value still wins
+    assert load_config(FineJob, None, ["train.steps=5"]).train.lr == 3e-4  # overrides build partial sections too
+
+
+def test_finetune_deepspeed_stage_keeps_the_small_reduce_bucket():
+    from tessera.finetune.config import FinetuneJobConfig
+
+    cfg = load_config(FinetuneJobConfig, "configs/finetune/base.yaml")  # sets deepspeed: {stage: 2}
+    assert (cfg.deepspeed.stage, cfg.deepspeed.reduce_bucket_size) == (2, 1_000_000)
