@@ -157,7 +157,7 @@ def load_classifier(path: str, device: str | torch.device = "cpu") -> ImageClass
 
     cfg_url = storage.join(str(path), "config.json")
     if not storage.exists(cfg_url):
-        raise FileNotFoundError(f"{cfg_url}: no classifier config (train one with `tessera eval train-classifier`)")
+        raise FileNotFoundError(f"{cfg_url}: no classifier config (train one with `tessera train-classifier`)")
     info = from_dict(ClassifierInfo, json.loads(storage.read_text(cfg_url)), cfg_url)
     if info.arch != ARCH:
         raise ValueError(f"{cfg_url}: arch {info.arch!r} is not {ARCH!r}")
@@ -284,12 +284,13 @@ def train_classifier(dataset_dir: str, out_dir: str, *, eval_dataset: str | None
         torch.set_num_threads(cfg.threads)
     keys, images, names, skipped = read_labelled(dataset_dir, label_field, caption_template)
     if eval_dataset:
-        _, ev_images, ev_names, _ = read_labelled(eval_dataset, label_field, caption_template)
+        ev_keys, ev_images, ev_names, _ = read_labelled(eval_dataset, label_field, caption_template)
         train_idx = list(range(len(keys)))
     else:
         held = [is_holdout(k, cfg.holdout_fraction, cfg.seed) for k in keys]
         train_idx = [i for i, h in enumerate(held) if not h]
-        ev_images, ev_names = [images[i] for i, h in enumerate(held) if h], [names[i] for i, h in enumerate(held) if h]
+        ev = [i for i, h in enumerate(held) if h]
+        ev_keys, ev_images, ev_names = [keys[i] for i in ev], [images[i] for i in ev], [names[i] for i in ev]
     labels = sorted(set(names), key=natural_key)
     index = {lab: i for i, lab in enumerate(labels)}
     x = torch.stack([resize_to(images[i][None], cfg.image_size)[0] for i in train_idx])  # (N, 3, S, S)
@@ -325,6 +326,10 @@ def train_classifier(dataset_dir: str, out_dir: str, *, eval_dataset: str | None
     info.holdout_accuracy, info.holdout_images = report["accuracy"], report["n"]
     info.holdout_per_class = report["per_class"]
     save_classifier(clf, out_dir)
+    # Which keys trained it and which measured it, so anyone can check the split (and score other models on it).
+    split = {"train": [keys[i] for i in train_idx], "holdout": [ev_keys[i] for i in known]}
+    storage.write_text(storage.join(out_dir, "split.json"), json.dumps(split))
+    report.update(train_keys=split["train"], holdout_keys=split["holdout"])
     log.info("classifier: %d labels, %d training images, held-out accuracy %.3f on %d real images -> %s",
              len(labels), len(y), report["accuracy"], report["n"], out_dir)
     return report

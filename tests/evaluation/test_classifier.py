@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,20 @@ def test_trained_classifier_recognises_held_out_real_images(trained):
     assert "held-out accuracy" in stdout and "model.safetensors" in stdout
 
 
+def test_held_out_images_are_never_trained_on_and_their_accuracy_is_what_the_config_says(trained):
+    data, out, _ = trained
+    split, info = json.loads((out / "split.json").read_text()), json.loads((out / "config.json").read_text())
+    assert not set(split["train"]) & set(split["holdout"])  # disjoint
+    assert len(split["train"]) == info["train_images"] and len(split["holdout"]) == info["holdout_images"]
+    # An independent evaluation: the held-out keys' images and labels read afresh, scored by the saved weights.
+    keys, images, labels, _ = read_labelled(str(data))
+    assert sorted(split["train"] + split["holdout"]) == sorted(keys)  # every labelled image on one side
+    clf, held = load_classifier(str(out)), [i for i, k in enumerate(keys) if k in set(split["holdout"])]
+    pred = clf.predict_tensors([images[i] for i in held])
+    right = sum(clf.labels[p] == labels[i] for p, i in zip(pred, held))
+    assert info["holdout_accuracy"] == pytest.approx(right / len(held), abs=1e-12)
+
+
 def test_loaded_classifier_api_for_rewards(trained):
     _, out, _ = trained
     clf = load_classifier(str(out))
@@ -123,5 +138,11 @@ def test_labels_from_a_caption_template_and_clear_errors(tmp_path):
         read_labelled(str(data))
     with pytest.raises(ValueError, match="exactly once"):
         read_labelled(str(data), template="a drawing")
-    with pytest.raises(FileNotFoundError, match="no classifier config"):
+    with pytest.raises(FileNotFoundError, match="no classifier config") as e:
         load_classifier(str(tmp_path / "nowhere"))
+    named = re.search(r"`tessera ([^`]+)`", str(e.value)).group(1).split()
+    from tessera.cli import build_parser
+
+    with pytest.raises(SystemExit) as ok:  # the command the message names exists: its --help exits 0
+        build_parser().parse_args([*named, "--help"])
+    assert ok.value.code == 0
