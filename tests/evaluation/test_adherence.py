@@ -91,3 +91,19 @@ def test_colour_adherence_on_real_emoji():
     assert right["accuracy"] == 1.0, right["confusion"]
     wrong = colour_adherence(images, [f"a {c} heart emoji" for c in list(hearts)[1:] + list(hearts)[:1]])
     assert wrong["accuracy"] == 0.0
+
+
+def test_per_image_rows_stay_with_their_images_around_unscored_prompts():
+    # Unscored prompts first, in the middle and last: every row must describe its own image.
+    shown = ["green", "red", "blue", "blue", "green", "red"]
+    prompts = ["a landscape", "a red thing", "a blue thing", "nothing here", "a blue thing", "a portrait"]
+    rep = classifier_accuracy(judge(), [Image.new("RGB", (16, 16), RGB[c]) for c in shown], prompts)
+    want = [{}, {"classifier_correct": 1.0, "classifier_label": "red"},
+            {"classifier_correct": 1.0, "classifier_label": "blue"}, {},
+            {"classifier_correct": 0.0, "classifier_label": "green"}, {}]
+    assert rep["per_image"] == want and (rep["n"], rep["unscored"]) == (3, 3)
+    rep = colour_adherence([disc(c) for c in shown], ["a round thing", "a red ball", "a plain ball", "a blue ball",
+                                                      "a red ball", "a ball"])
+    assert rep["per_image"] == [{}, {"colour_correct": 1.0, "dominant_colour": "red"}, {},
+                                {"colour_correct": 1.0, "dominant_colour": "blue"},
+                                {"colour_correct": 0.0, "dominant_colour": "green"}, {}]
