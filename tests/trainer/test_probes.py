@@ -144,3 +144,58 @@ def test_the_loop_logs_the_probe_on_two_ranks(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("probe/caption_gain", "probe/uncond_gain", "probe/loss_own"))
         assert r["probe/caption_gain"] == pytest.approx(r["probe/loss_shuffled"] - r["probe/loss_own"], abs=1e-6)
         assert 0 < r["probe/loss_own"] < 10
+
+
+def _probe_rank(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of the 2-rank probe check: the same tiny DiT, this rank's own batch; writes (local, logged)."""
+    import json
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from tessera.trainer import distributed as D
+    from tessera.trainer import probes
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, obj = tiny_dit(), FlowObjective(FlowObjectiveConfig(prediction="sample"))
+    with torch.no_grad():  # the same non-zero weights on both ranks (a fresh DiT's zero output ignores the text)
+        for p in model.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    tokens, pooled = class_text()
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own images and captions
+    y = torch.randint(0, 4, (6,), generator=g)
+    x0, cond = batch(y, tokens, pooled, g)
+    mb = [{"latent": x0, "text_hidden": cond.hidden, "text_mask": cond.mask, "text_pooled": cond.pooled,
+           "key": [f"r{rank}-{i}" for i in range(6)]}]
+    cfg = SimpleNamespace(cfg_dropout=SimpleNamespace(p=0.0), train=SimpleNamespace(seed=0))
+    fn = lambda x, t, h, m, p: model(x, t, h, m, p)  # noqa: E731  (what the DeepSpeed engine's forward is)
+
+    class Engine:
+        module = model
+
+        def __call__(self, *a):
+            return fn(*a)
+
+    with mock.patch.object(D, "all_reduce_sum", lambda t: t.to(torch.float64).tolist()):  # this rank alone
+        local = probes.run_probe(Engine(), obj, None, mb, cfg, 3, torch.float32, torch.device("cpu"))
+    logged = probes.run_probe(Engine(), obj, None, mb, cfg, 3, torch.float32, torch.device("cpu"))
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"local": local, "logged": logged}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_logged_probe_is_the_mean_over_ranks_that_saw_different_data(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_probe_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert r[0]["logged"] == r[1]["logged"]  # every rank logs the same value
+    for k in ("probe/loss_own", "probe/loss_shuffled", "probe/caption_gain"):
+        a, b = r[0]["local"][k], r[1]["local"][k]
+        assert abs(a - b) > 1e-4, k  # the ranks' own values differ: the mean is not either of them
+        assert r[0]["logged"][k] == pytest.approx((a + b) / 2, rel=1e-9, abs=1e-12), k
