@@ -81,6 +81,10 @@ def check_fingerprint(cfg: RecaptionConfig, parts: dict, fp: str) -> None:
                                   f"{fp}; differs in {', '.join(_diff(old, to_dict(parts))) or 'source'}); use a new "
                                   "output or delete the old one")
             return
+    done = [u for u in storage.list_prefix(storage.join(cfg.output, "shards")) if u.endswith(".stats.json")]
+    if done:  # finished shards with no record of the job that wrote them: never mix them into this one
+        raise ConfigError(f"{cfg.output} holds {len(done)} finished shard(s) (e.g. {done[0]}) but no _staging/run.json "
+                          "or manifest.json naming the job that wrote them; use a new output or delete the old one")
     write_json(storage.join(cfg.output, "_staging", "run.json"), {"job_fingerprint": fp,
                                                                    "fingerprint_parts": to_dict(parts)})
 
