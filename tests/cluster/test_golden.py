@@ -102,3 +102,28 @@ def test_the_sbatch_script_is_valid_bash_with_the_preemption_contract():
             assert needed in text, f"{name} lacks {needed!r}"
     chained = rendered("train_2nodes_4gpus_after.sbatch")
     assert "--dependency=afterok:12345" in chained and "--kill-on-invalid-dep=yes" in chained
+
+
+def _secrets_preamble(secrets_file: Path) -> str:
+    """The part of a rendered sbatch script that reads the secrets file and reports the secrets by name."""
+    s = spec(["train"], "train-20261202-121000-999999", {"slurm": {"secrets_file": str(secrets_file)}})
+    (text,) = get_backend("slurm").render(s).values()
+    return text[text.index("SECRETS_FILE="):text.index("# Rendezvous")] + 'echo "WANDB=${WANDB_API_KEY:-}"\n'
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_the_job_sources_the_secrets_file_only_when_it_is_private(tmp_path, mode):
+    import subprocess
+
+    path = tmp_path / "secrets.env"
+    path.write_text("WANDB_API_KEY=canary-preamble-5e1f\n")
+    path.chmod(mode)
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID",
+                                                             "AWS_SECRET_ACCESS_KEY")}
+    out = subprocess.run(["bash", "-c", _secrets_preamble(path)], capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    if mode == 0o600:
+        assert "WANDB=canary-preamble-5e1f" in out.stdout and "secret WANDB_API_KEY: set" in out.stdout
+    else:  # world-readable: refused by name and mode, and nothing from it reaches the environment
+        assert f"not reading {path}: mode 644, it must be 600" in out.stderr
+        assert "WANDB=\n" in out.stdout and "secret WANDB_API_KEY: not set" in out.stdout

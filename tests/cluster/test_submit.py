@@ -8,6 +8,7 @@ import io
 
 import pytest
 
+from tessera.cluster.backend import get_backend
 from tessera.cluster.config import ClusterConfig, load_cluster_config
 from tessera.cluster.ray_train import exit_code
 from tessera.cluster.records import Attempt, JobRecord, JobStore
@@ -133,3 +134,16 @@ def test_stage_and_backend_combinations_that_cannot_work_are_refused():
                    job_dir=ROOT, submit_cwd="/", array=2)
     with pytest.raises(ConfigError, match="--array is for data stages"):
         SlurmBackend().render(spec)
+
+
+def test_a_new_run_is_pinned_to_the_job_id_at_submit_time(tmp_path):
+    from tessera.cluster.submit import build_spec, cluster_config
+
+    state = f"cluster.state_dir={tmp_path}"
+    req = SubmitRequest(stage=["train"], config=TINY, overrides=["run.id=null", state])
+    spec = build_spec(req, cluster_config(req), JobStore(tmp_path))
+    assert spec.run_id == spec.id and f"run.id={spec.id}" in spec.stage_args  # what every attempt is launched with
+    assert f"run.id={spec.id}" in get_backend("slurm").render(spec)["job.sbatch"]
+    named = SubmitRequest(stage=["train"], config=TINY, overrides=["run.id=mine", state])
+    spec = build_spec(named, cluster_config(named), JobStore(tmp_path))
+    assert spec.run_id == "mine" and not [a for a in spec.stage_args if a.startswith("run.id=")]  # continues its run
