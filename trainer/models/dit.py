@@ -17,6 +17,9 @@ p patch size, T = (H / p) * (W / p) image tokens, L text tokens, D hidden width.
 * Self-attention is one fused QKV linear plus one ``F.scaled_dot_product_attention`` call; optional
   QK-norm (RMSNorm per head). Cross-attention attends to the projected text tokens with the padding mask
   honoured; a row whose text is all padding attends to zeros (finite output, no NaN).
+* Optional micro-conditions (PixArt-α 1024 px, ``micro_conditions``): the image's pixel height, width and
+  aspect ratio, each embedded like a timestep, are added to the timestep embedding; they follow from the
+  latent size and ``vae_scale_factor``, so the forward signature stays the same for every family.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class DiTConfig:
     base_size: int = 32  # token-grid side the sin-cos positions are calibrated to (512 px at p=2, f=8)
     interpolation_scale: float = 1.0
     norm_eps: float = 1e-6
+    micro_conditions: bool = False  # PixArt-α 1024 px: pixel size and aspect ratio added to the timestep embedding
+    vae_scale_factor: int = 8  # pixels per latent cell (micro-conditions only)
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -75,6 +80,9 @@ class DiTConfig:
             raise ValueError(f"hidden_size: {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.out_channels is None:
             self.out_channels = self.in_channels * (2 if self.learn_sigma else 1)
+        if self.micro_conditions and self.hidden_size % 3:
+            raise ValueError(f"micro_conditions: hidden_size {self.hidden_size} must be divisible by 3 "
+                             "(height, width and aspect ratio each take a third)")
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -300,6 +308,9 @@ class DiT(nn.Module):
         self.t_block = nn.Linear(D, 6 * D)  # adaLN-single: applied to SiLU(t), shared by all blocks
         self.y_embedder = MLP(c.text_dim, D, D)  # caption projection Dt -> D
         self.pooled_embedder = MLP(c.pooled_dim, D, D, act="silu") if c.pooled_dim else None
+        if c.micro_conditions:  # PixArt-α: height and width share one MLP, the aspect ratio has its own
+            self.resolution_embedder = MLP(256, D // 3, D // 3, act="silu")
+            self.aspect_ratio_embedder = MLP(256, D // 3, D // 3, act="silu")
         self.blocks = nn.ModuleList(
             [DiTBlock(D, c.num_heads, c.mlp_ratio, c.qk_norm, c.norm_eps) for _ in range(c.depth)]
         )
@@ -313,7 +324,8 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for mlp in (self.t_embedder, self.y_embedder, self.pooled_embedder):
+        micro = [self.resolution_embedder, self.aspect_ratio_embedder] if self.config.micro_conditions else []
+        for mlp in (self.t_embedder, self.y_embedder, self.pooled_embedder, *micro):
             if mlp is not None:
                 nn.init.normal_(mlp.fc1.weight, std=0.02)
                 nn.init.normal_(mlp.fc2.weight, std=0.02)
@@ -334,6 +346,15 @@ class DiT(nn.Module):
             pe = sincos_2d(c.hidden_size, h, w, c.base_size, c.interpolation_scale)
             self._pos_cache[key] = pe.to(device=device, dtype=dtype)[None]
         return self._pos_cache[key]
+
+    def micro_embedding(self, n: int, H: int, W: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, D) PixArt-α micro-conditions of an H x W latent: [height | width | aspect ratio] embeddings."""
+        f = self.config.vae_scale_factor
+        size = torch.tensor([H * f, W * f], dtype=torch.float32, device=like.device)  # pixels
+        res = self.resolution_embedder(timestep_embedding(size).to(like.dtype)).reshape(1, -1)  # (1, 2D/3)
+        ratio = torch.tensor([H / W], dtype=torch.float32, device=like.device)
+        ar = self.aspect_ratio_embedder(timestep_embedding(ratio).to(like.dtype))  # (1, D/3)
+        return torch.cat([res, ar], dim=1).expand(n, -1)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, T, C*p*p), patch features in (C, p, p) order like a conv weight."""
@@ -360,6 +381,8 @@ class DiT(nn.Module):
         t = self.t_embedder(timestep_embedding(t).to(x.dtype))  # (N, D)
         if self.pooled_embedder is not None and pooled is not None:
             t = t + self.pooled_embedder(pooled)
+        if self.config.micro_conditions:
+            t = t + self.micro_embedding(N, H, W, t)
         t6 = self.t_block(F.silu(t)).view(N, 6, -1)  # (N, 6, D)
         y = self.y_embedder(text)  # (N, L, D)
         mask = prepare_text_mask(text_mask)
@@ -380,6 +403,7 @@ def flops_per_sample(cfg: DiTConfig, height: int, width: int, text_len: int) -> 
     f = 2 * T * cfg.in_channels * p * p * D  # patch embedding
     f += 2 * (256 * D + D * D) + 2 * D * 6 * D  # timestep MLP + adaLN-single
     f += 2 * (cfg.pooled_dim * D + D * D) if cfg.pooled_dim else 0
+    f += 2 * 3 * (256 * (D // 3) + (D // 3) ** 2) if cfg.micro_conditions else 0
     f += 2 * L * (cfg.text_dim * D + D * D)  # caption projection
     per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D  # self-attn: qkv, QK^T + AV, out
     per_block += 2 * T * D * D + 2 * L * D * 2 * D + 2 * 2 * T * L * D + 2 * T * D * D  # cross-attn

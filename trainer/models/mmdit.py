@@ -11,12 +11,17 @@ tokens are always valid keys, so a caption that is all padding still gives finit
 c = timestep embedding (+ pooled text embedding) drives both streams' adaLN-Zero. The last block only
 needs the text stream's keys and values (SD3's ``context_pre_only``). Positions: the same
 resolution-interpolated 2D sin-cos as our DiT (PixArt style), cached per token grid.
+
+Options for SD3/SD3.5 weights (defaults off, see docs/models.md): ``pos_embed_max_size`` takes positions as
+the centre crop of one fixed M x M sin-cos grid (SD3's cropped positions); ``mask_text: false`` lets every
+text token, padding included, be a key (SD3 was trained so); ``dual_attention_layers`` adds SD3.5-medium's
+second, image-only self-attention (MMDiT-X) to those blocks, with its own modulation.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,9 @@ MMDIT_PRESETS: dict[str, dict] = {
     "tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, text_dim=32, pooled_dim=32),
     "S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
     "B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    # SD3-medium's MMDiT (Esser et al. 2024; diffusers SD3Transformer2DModel config): 24 blocks x 1536 (24 x 64),
+    # T5-XXL width 4096, CLIP-L + CLIP-G pooled 768 + 1280. Pair with pos_embed_max_size 192, mask_text false.
+    "sd3-medium": dict(depth=24, hidden_size=1536, num_heads=24, patch_size=2, text_dim=4096, pooled_dim=2048),
 }
 
 
@@ -48,6 +56,9 @@ class MMDiTConfig:
     base_size: int = 32
     interpolation_scale: float = 1.0
     norm_eps: float = 1e-6
+    pos_embed_max_size: int | None = None  # SD3: positions cropped from one M x M grid (None: interpolated)
+    mask_text: bool = True  # False: padded text tokens are keys too (SD3/SD3.5 attend to them)
+    dual_attention_layers: list[int] = field(default_factory=list)  # SD3.5-medium MMDiT-X blocks
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +73,9 @@ class MMDiTConfig:
             raise ValueError(f"hidden_size: {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.out_channels is None:
             self.out_channels = self.in_channels
+        bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth - 1]
+        if bad:  # the last block is context_pre_only; SD3.5 never makes it a dual block
+            raise ValueError(f"dual_attention_layers: {bad} outside 0..{self.depth - 2}")
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -107,13 +121,36 @@ class MLP(nn.Module):
         return self.fc2(F.silu(h) if self.act == "silu" else F.gelu(h, approximate="tanh"))
 
 
-class Stream(nn.Module):
-    """One modality's weights in a joint block: adaLN-Zero, QKV (+ QK-norm), and unless pre_only, out + MLP."""
+class SelfAttention(nn.Module):
+    """Image-only self-attention of an MMDiT-X block (SD3.5's ``attn2``): fused QKV, QK-norm, one SDPA call."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, pre_only: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
         super().__init__()
-        self.h, self.d, self.pre_only = num_heads, dim // num_heads, pre_only
-        self.adaLN = nn.Linear(dim, (2 if pre_only else 6) * dim)
+        self.h, self.d = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.d, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.d, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, T, D) -> (N, T, D)."""
+        N, T, D = x.shape
+        q, k, v = (u.transpose(1, 2) for u in self.qkv(x).view(N, T, 3, self.h, self.d).unbind(2))  # (N, h, T, d)
+        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(o.transpose(1, 2).reshape(N, T, D))
+
+
+class Stream(nn.Module):
+    """One modality's weights in a joint block: adaLN-Zero, QKV (+ QK-norm), and unless pre_only, out + MLP.
+
+    ``dual`` (SD3.5 MMDiT-X, image stream only) adds a second self-attention over the stream's own tokens,
+    fed by the same normalised input under its own shift/scale/gate (9 modulation chunks instead of 6).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, pre_only: bool,
+                 dual: bool = False):
+        super().__init__()
+        self.h, self.d, self.pre_only, self.dual = num_heads, dim // num_heads, pre_only, dual
+        self.adaLN = nn.Linear(dim, (2 if pre_only else 9 if dual else 6) * dim)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.d, eps=1e-6) if qk_norm else nn.Identity()
@@ -122,29 +159,38 @@ class Stream(nn.Module):
             self.proj = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
             self.mlp = MLP(dim, int(dim * mlp_ratio), dim)
+        if dual:
+            self.attn2 = SelfAttention(dim, num_heads, qk_norm)
 
     def pre(self, x: torch.Tensor, c: torch.Tensor):
-        """x (N, S, D), c (N, D) -> q, k, v (N, h, S, d) and the remaining modulation (N, 1, D) chunks."""
+        """x (N, S, D), c (N, D) -> q, k, v (N, h, S, d) and what ``post`` needs (modulation chunks (N, 1, D))."""
         N, S, _ = x.shape
-        mod = self.adaLN(F.silu(c))[:, None].chunk(2 if self.pre_only else 6, dim=-1)  # (N, 1, D) each
-        h = torch.addcmul(mod[0], self.norm1(x), 1 + mod[1])
+        mod = self.adaLN(F.silu(c))[:, None].chunk(2 if self.pre_only else 9 if self.dual else 6, dim=-1)
+        normed = self.norm1(x)
+        h = torch.addcmul(mod[0], normed, 1 + mod[1])
         q, k, v = (u.transpose(1, 2) for u in self.qkv(h).view(N, S, 3, self.h, self.d).unbind(2))
-        return self.q_norm(q), self.k_norm(k), v, mod[2:]
+        rest = mod[2:6]
+        if self.dual:  # attn2's input: the same normalised x under its own shift and scale, then its gate
+            rest = (*rest, torch.addcmul(mod[6], normed, 1 + mod[7]), mod[8])
+        return self.q_norm(q), self.k_norm(k), v, rest
 
     def post(self, x: torch.Tensor, o: torch.Tensor, mod) -> torch.Tensor:
-        """Gated residual attention output then gated residual MLP; o (N, S, D)."""
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        """Gated residual attention output (then attn2's), then gated residual MLP; o (N, S, D)."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:4]
         x = x + gate_msa * self.proj(o)
+        if self.dual:
+            x = x + mod[5] * self.attn2(mod[4])
         return x + gate_mlp * self.mlp(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp))
 
 
 class JointBlock(nn.Module):
     """MMDiT block: per-stream modulation/projections, one joint attention over [text; image]."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, pre_only: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, pre_only: bool,
+                 dual: bool = False):
         super().__init__()
         self.context = Stream(dim, num_heads, mlp_ratio, qk_norm, eps, pre_only)
-        self.x = Stream(dim, num_heads, mlp_ratio, qk_norm, eps, False)
+        self.x = Stream(dim, num_heads, mlp_ratio, qk_norm, eps, False, dual)
 
     def forward(self, x, y, c, mask):
         """x (N, T, D) image, y (N, L, D) text, c (N, D), mask (N, 1, 1, L+T) bool or None."""
@@ -174,7 +220,8 @@ class MMDiT(nn.Module):
         self.pooled_embedder = MLP(c.pooled_dim, D, D, act="silu") if c.pooled_dim else None
         self.context_embedder = nn.Linear(c.text_dim, D)
         self.blocks = nn.ModuleList(
-            [JointBlock(D, c.num_heads, c.mlp_ratio, c.qk_norm, c.norm_eps, i == c.depth - 1) for i in range(c.depth)]
+            [JointBlock(D, c.num_heads, c.mlp_ratio, c.qk_norm, c.norm_eps, pre_only=i == c.depth - 1,
+                        dual=i in c.dual_attention_layers) for i in range(c.depth)]
         )
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=c.norm_eps)
         self.adaLN_out = nn.Linear(D, 2 * D)
@@ -206,7 +253,15 @@ class MMDiT(nn.Module):
         key = (h, w, device, dtype)
         if key not in self._pos_cache:
             c = self.config
-            pe = sincos_2d(c.hidden_size, h, w, c.base_size, c.interpolation_scale)
+            M = c.pos_embed_max_size
+            if M is None:
+                pe = sincos_2d(c.hidden_size, h, w, c.base_size, c.interpolation_scale)
+            elif h > M or w > M:
+                raise ValueError(f"token grid {h}x{w} exceeds pos_embed_max_size {M}")
+            else:  # SD3: the centre h x w window of one fixed M x M grid
+                top, left = (M - h) // 2, (M - w) // 2
+                grid = sincos_2d(c.hidden_size, M, M, c.base_size, c.interpolation_scale).view(M, M, -1)
+                pe = grid[top:top + h, left:left + w].reshape(h * w, -1)
             self._pos_cache[key] = pe.to(device=device, dtype=dtype)[None]
         return self._pos_cache[key]
 
@@ -224,7 +279,7 @@ class MMDiT(nn.Module):
             c = c + self.pooled_embedder(pooled)
         y = self.context_embedder(text)  # (N, L, D)
         mask = None
-        if text_mask is not None:  # image keys are always valid, so no row is ever fully masked
+        if text_mask is not None and self.config.mask_text:  # image keys are always valid: no row is all masked
             img = torch.ones(N, h * w, dtype=torch.bool, device=x.device)
             mask = torch.cat([text_mask.bool(), img], dim=1)[:, None, None, :]  # (N, 1, 1, L+T)
         for block in self.blocks:
@@ -251,5 +306,7 @@ def flops_per_sample(cfg: MMDiTConfig, height: int, width: int, text_len: int) -
         f += 2 * (T + L) * D * 3 * D + 2 * 2 * (T + L) ** 2 * D  # QKV, joint QK^T + AV
         S = T if pre_only else T + L  # tokens that go on through out-proj + MLP
         f += 2 * S * D * D + 2 * 2 * S * D * F_
+        if i in cfg.dual_attention_layers:  # attn2 over the image tokens and its 3 extra modulation chunks
+            f += 2 * D * 3 * D + 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D
     f += 2 * D * 2 * D + 2 * T * D * p * p * cfg.out_channels
     return f

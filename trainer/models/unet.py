@@ -47,6 +47,8 @@ class UNetConfig:
     pretrained: str | None = None  # local SD-format UNet folder or pipeline root (has unet/)
     kwargs: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel kwargs, override the preset
     vae_scale_factor: int = 8  # SDXL micro-conditioning: pixel size = latent size * this
+    mask_text: bool = True  # False: padded text tokens are attended to, as SD/SDXL were trained
+    pooled_tail: int | None = None  # SDXL: text_embeds = the last N pooled channels (CLIP-G's 1280 after CLIP-L's)
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -109,11 +111,13 @@ class UNet(nn.Module):
             raise ValueError("this UNet (addition_embed_type=text_time) needs pooled text embeddings")
         H, W = (s * self.config.vae_scale_factor for s in x.shape[-2:])
         ids = torch.tensor([H, W, 0, 0, H, W], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+        if self.config.pooled_tail:
+            pooled = pooled[:, -self.config.pooled_tail:]
         return {"text_embeds": pooled, "time_ids": ids}
 
     def forward(self, x, t, text, text_mask=None, pooled=None) -> torch.Tensor:
         """Predict the model target for latents x (N, C, H, W) at timesteps t (N,) given text (N, L, Dt)."""
-        mask = None if text_mask is None else text_mask.to(x.dtype)  # 1 = keep, diffusers makes the bias
+        mask = None if text_mask is None or not self.config.mask_text else text_mask.to(x.dtype)  # 1 = keep
         return self.unet(
             x, t, encoder_hidden_states=text, encoder_attention_mask=mask,
             added_cond_kwargs=self.added_cond(x, pooled), return_dict=False,

@@ -84,12 +84,13 @@ def test_big_presets_sizes_on_meta(preset, low, high):
     assert n == sum(p.numel() for p in ref.parameters())  # same layout as PixArt-α
 
 
-@pytest.mark.parametrize("over", [{}, {"qk_norm": True, "pooled_dim": 16, "hidden_size": 64, "num_heads": 4}])
+@pytest.mark.parametrize("over", [{}, {"qk_norm": True, "pooled_dim": 16, "hidden_size": 64, "num_heads": 4},
+                                  {"micro_conditions": True, "hidden_size": 48}])
 @pytest.mark.parametrize("hw, text_len", [((16, 16), 8), ((8, 16), 24)])
 def test_flops_match_measured(over, hw, text_len):
     model = build_model("dit", {"preset": "tiny", "in_channels": 4, **over})
     x, t = torch.zeros(1, 4, *hw), torch.zeros(1)
-    text, pooled = torch.zeros(1, text_len, 32), torch.zeros(1, 16) if over else None
+    text, pooled = torch.zeros(1, text_len, 32), torch.zeros(1, 16) if over.get("pooled_dim") else None
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, text, torch.ones(1, text_len), pooled)
     measured, ours = counter.get_total_flops(), flops_per_sample(model.config, *hw, text_len)
@@ -144,3 +145,14 @@ def test_rejects_latent_not_multiple_of_patch():
     inp = make_inputs("dit", 8, 9)
     with pytest.raises(ValueError, match="multiple of patch"):
         model(**inp)
+
+
+def test_micro_conditions_follow_the_latent_size():
+    model = make_model("dit", micro_conditions=True, hidden_size=48)
+    inp = make_inputs("dit", 8, 16)
+    with torch.no_grad():
+        wide = model(**inp)
+        model.config.vae_scale_factor = 16  # the same latent read as twice the pixels: another condition
+        assert not torch.allclose(model(**inp), wide)
+    with pytest.raises(ValueError, match="divisible by 3"):
+        DiTConfig(preset="tiny", micro_conditions=True)  # 32 wide: height, width and ratio need a third each

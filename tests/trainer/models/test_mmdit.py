@@ -13,9 +13,10 @@ from tessera.trainer.models.mmdit import MMDIT_PRESETS, flops_per_sample
 from .conftest import make_inputs, make_model
 
 
+@pytest.mark.parametrize("over", [{}, {"dual_attention_layers": [0], "pos_embed_max_size": 16}])
 @pytest.mark.parametrize("hw, text_len", [((16, 16), 8), ((8, 16), 24)])
-def test_flops_match_measured(hw, text_len):
-    model = build_model("mmdit", {"preset": "tiny", "in_channels": 4, "hidden_size": 64, "num_heads": 4})
+def test_flops_match_measured(hw, text_len, over):
+    model = build_model("mmdit", {"preset": "tiny", "in_channels": 4, "hidden_size": 64, "num_heads": 4, **over})
     x, t, text, pooled = torch.zeros(1, 4, *hw), torch.zeros(1), torch.zeros(1, text_len, 32), torch.zeros(1, 32)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, text, torch.ones(1, text_len), pooled)
@@ -47,3 +48,23 @@ def test_bf16_autocast_runs():
         out = model(**make_inputs("mmdit", 8, 16))
     out.float().mean().backward()
     assert torch.isfinite(out.float()).all()
+
+
+def test_sd3_options_crop_positions_and_attend_to_padding():
+    model = make_model("mmdit", pos_embed_max_size=6, mask_text=False)
+    crop = model.pos_embed(2, 4, torch.device("cpu"), torch.float32)[0].view(2, 4, -1)
+    grid = model.pos_embed(6, 6, torch.device("cpu"), torch.float32)[0].view(6, 6, -1)
+    assert torch.equal(crop, grid[2:4, 1:5])  # the centre window of the one 6 x 6 grid
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        model(**make_inputs("mmdit", 8, 16))  # 4 x 8 tokens: wider than the grid
+    inp = make_inputs("mmdit")
+    with torch.no_grad():  # padding is attended to: the mask changes nothing, the padded tokens' content does
+        assert torch.equal(model(**inp), model(**dict(inp, text_mask=None)))
+        inp2 = dict(inp, text=inp["text"].clone())
+        inp2["text"][0, -1] += 1.0
+        assert not torch.allclose(model(**inp)[0], model(**inp2)[0])
+
+
+def test_dual_attention_layers_are_checked():
+    with pytest.raises(ValueError, match="dual_attention_layers"):
+        MMDiTConfig(preset="tiny", dual_attention_layers=[1])  # the last (context_pre_only) block

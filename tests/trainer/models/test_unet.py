@@ -66,3 +66,16 @@ def test_sdxl_style_text_time_conditioning(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         UNet(UNetConfig(pretrained=str(tmp_path)))
+
+
+def test_sdxl_options_pooled_tail_and_unmasked_text(tmp_path):
+    _diffusers_unet(**SDXL_TINY).save_pretrained(tmp_path)
+    plain = UNet.from_pretrained(tmp_path)
+    sdxl = UNet.from_pretrained(tmp_path, pooled_tail=32, mask_text=False)
+    inp = make_inputs("unet", 8, 16)
+    pooled = torch.randn(2, 48)  # e.g. CLIP-L's 16 then CLIP-G's 32: SDXL reads only the tail
+    with torch.no_grad():
+        got = sdxl(**dict(inp, pooled=pooled))
+        want = plain(**dict(inp, pooled=pooled[:, -32:], text_mask=None))
+        assert torch.equal(got, want)
+        assert not torch.equal(got, plain(**dict(inp, pooled=pooled[:, -32:])))  # the mask matters when used
