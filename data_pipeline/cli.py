@@ -55,7 +55,8 @@ def add_precompute_command(data_subparsers: argparse._SubParsersAction) -> None:
     """Add ``tessera data precompute`` (``--config``, ``--dry-run``, dotted overrides)."""
     p = data_subparsers.add_parser("precompute", help="derived dataset with frozen text embeddings (and latents) "
                                                       "added to every sample")
-    add_config_args(p, required=True)
+    add_config_args(p, required=True, example="tessera data precompute --config configs/data/precompute_minilm.yaml "
+                                              "source=runs/data/tiny output=runs/data/tiny_minilm")
     p.set_defaults(func=_precompute)
 
 
@@ -71,7 +72,8 @@ def add_commands(subparsers: argparse._SubParsersAction,
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=type(data))
 
     p = sub.add_parser("ingest", help="sources -> processed, deduplicated, bucketed webdataset shards")
-    add_config_args(p, required=True)
+    add_config_args(p, required=True, example="tessera data ingest --config configs/data/emoji.yaml "
+                                              "output=runs/data/emoji samples_per_shard=500")
     p.set_defaults(func=_ingest)
 
     for add in data_commands:

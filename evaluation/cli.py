@@ -73,7 +73,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "compute its metrics and write <output>/metrics.json, <output>/report.html and a W&B run. "
                     "A checkpoint is a training checkpoint dir, a run dir (its newest checkpoint) or an export "
                     "dir, local or s3://.")
-    add_config_args(p, required=True)
+    add_config_args(p, required=True, example="tessera eval --config configs/eval/quick.yaml --checkpoint "
+                                              "runs/quickstart/runs/train sampling.steps=20 sampling.images_per_prompt=2")
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                    help="checkpoint, run or export dir (local or s3://); repeat for several")
     p.set_defaults(func=_eval)

@@ -117,7 +117,8 @@ class EvalSuiteConfig:
     output: str = "runs/eval"  # local dir or s3://bucket/prefix
     report: bool = True
     report_max_prompts: int = 32  # prompts shown in the HTML sample grids
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(project="tessera-eval"))
+    # W&B: the project and group of the run that wrote the (first) checkpoint evaluated (tessera.tracking)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(project=None, job_type="eval"))
     table_rows: int = 64  # W&B table rows per checkpoint (prompt, image, scores)
 
     def check(self) -> None:

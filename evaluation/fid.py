@@ -17,7 +17,6 @@ import logging
 from typing import Iterator
 
 import numpy as np
-import scipy.linalg
 import torch
 from PIL import Image
 
@@ -152,6 +151,8 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     Cholesky factor; then B = S1^(1/2) from ``eigh`` gives the same similarity. Round-off can leave
     tiny negative eigenvalues; they are clipped to 0.
     """
+    import scipy.linalg  # here: the training path imports this module (in-training FID) and need not have scipy
+
     try:
         # driver "gv" (?sygv): values only via QR on the tridiagonal form; "gvd" measured slower here.
         ev = scipy.linalg.eigh(s2, s1, type=2, eigvals_only=True, driver="gv", check_finite=False)

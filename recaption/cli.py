@@ -23,5 +23,6 @@ def add_recaption_command(data_subparsers: argparse._SubParsersAction) -> None:
     """Add ``tessera data recaption`` (``--config``, ``--dry-run``, dotted overrides)."""
     p = data_subparsers.add_parser("recaption", help="derived dataset with VLM (or measured) captions added as "
                                                      "caption variants, filtered, with provenance")
-    add_config_args(p, required=True)
+    add_config_args(p, required=True, example="tessera data recaption --config configs/recaption/attributes.yaml "
+                                              "source=runs/data/tiny output=runs/data/tiny_attributes")
     p.set_defaults(func=_recaption)

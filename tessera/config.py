@@ -200,6 +200,10 @@ def _build(cls: type[T], data: dict, key: str, source: str) -> T:
             kwargs[name] = _check(value, hints[name], f"{prefix}{name}", source)
         elif f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
             raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({type_name(hints[name])})")
+        elif f.default_factory is not _MISSING and _is_dataclass_type(f.default_factory):  # type: ignore[misc]
+            # An absent section built from its class: build it here, so that a required key inside it is
+            # reported by its dotted name (not as the constructor's TypeError).
+            kwargs[name] = _build(f.default_factory, {}, f"{prefix}{name}", source)  # type: ignore[misc]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ validation
@@ -329,6 +333,8 @@ def _field_type(cls: type, dotted: str, source: str, data: dict | None = None) -
             tp = _hints(inner)[part]
         elif get_origin(inner) is dict:
             tp = get_args(inner)[1] if get_args(inner) else Any
+        elif inner is Any:  # free-form mappings (deepspeed.extra): any depth, values taken as YAML
+            return Any
         else:
             raise ConfigError(f"{source}: key '{dotted}': '{'.'.join(parts[:i])}' is not a section")
     return tp

@@ -72,9 +72,15 @@ def _require_token_auth() -> None:
         return  # Ray's own default for a new local runtime is token mode (it creates ~/.ray/auth_token)
     if mode.lower() != "token":
         log.warning("ray: %s=%s ignored: the embedded runtime keeps token authentication on", _AUTH_MODE_ENV, mode)
-    # Ray reads the mode into its C++ config at import; this is the call Ray itself makes to switch it on.
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    # Ray reads the mode into its C++ config at import; this is the call Ray itself makes to switch it on. It is
+    # private (Ray >= 2.52, pyproject's floor), so a Ray that moved it is a clear error, not an ImportError.
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError as e:
+        import ray
 
+        raise RuntimeError(f"ray {ray.__version__} has no _enable_token_auth (Tessera needs Ray >= 2.52, tested on "
+                           f"2.60); unset {_AUTH_MODE_ENV} or set it to 'token' before starting") from e
     _enable_token_auth()
 
 

