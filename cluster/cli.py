@@ -20,7 +20,7 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--after", metavar="JOB", default=None,
-                   help="start after JOB succeeds; cancelled if it fails (Slurm afterok)")
+                   help="start after JOB (a Tessera job id, or a Slurm job id) succeeds; cancelled if it fails")
     p.add_argument("--array", type=int, metavar="N", default=None, help="data stages on Slurm: N array tasks")
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR", help="passed to the stage (eval)")
     p.add_argument("--dry-run", action="store_true", help="print exactly what would be submitted and exit")
@@ -56,6 +56,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         if name == "logs":
             q.add_argument("--follow", "-f", action="store_true", help="follow through requeues until the job ends")
             q.add_argument("--attempt", type=int, default=None, metavar="K", help="attempt K (default: the latest)")
+        else:
+            q.add_argument("--json", action="store_true", help="machine-readable output (the job records)")
         q.set_defaults(func=_cmd_jobs)
 
 
@@ -113,9 +115,9 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     else:
         store = JobStore(state_path(args.state_dir))
     if args.jobs_command == "ls":
-        return jobs.ls(store)
+        return jobs.ls(store, as_json=args.json)
     if args.jobs_command == "status":
-        return jobs.status(store, args.job)
+        return jobs.status(store, args.job, as_json=args.json)
     if args.jobs_command == "logs":
         return jobs.logs(store, args.job, args.attempt, args.follow)
-    return jobs.cancel(store, args.job)
+    return jobs.cancel(store, args.job, as_json=args.json)

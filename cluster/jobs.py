@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import sys
 from typing import TextIO
 
@@ -21,10 +23,10 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
-def ls(store: JobStore, out: TextIO = sys.stdout) -> int:
-    """One line per job, newest last."""
+def ls(store: JobStore, out: TextIO = sys.stdout, as_json: bool = False) -> int:
+    """One line per job, newest last (``as_json``: a JSON list of the records)."""
     rows = [("JOB", "BACKEND", "BACKEND_ID", "STAGE", "STATE", "ATTEMPTS", "CREATED")]
-    unreachable = 0
+    records, unreachable = [], 0
     for rec in store.all():
         try:
             refresh(rec, store)
@@ -32,8 +34,12 @@ def ls(store: JobStore, out: TextIO = sys.stdout) -> int:
             unreachable += 1
             rec.state = f"{rec.state}?"
             print(f"tessera: {rec.id}: {e}", file=sys.stderr)
+        records.append(rec)
         rows.append((rec.id, rec.backend, rec.backend_id or "-", rec.stage, rec.state, str(len(rec.attempts)),
                      _when(rec.created)))
+    if as_json:
+        out.write(json.dumps([dataclasses.asdict(r) for r in records], indent=2) + "\n")
+        return 0
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
@@ -43,9 +49,13 @@ def ls(store: JobStore, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def status(store: JobStore, ref: str, out: TextIO = sys.stdout) -> int:
-    """The job's state, backend id, run, W&B run and every attempt with its start, end and exit code."""
+def status(store: JobStore, ref: str, out: TextIO = sys.stdout, as_json: bool = False) -> int:
+    """The job's state, backend id, run, W&B run and every attempt with its start, end and exit code
+    (``as_json``: the record)."""
     rec = refresh(store.find(ref), store)
+    if as_json:
+        out.write(rec.to_json())
+        return 0
     reason = f" ({rec.reason})" if rec.reason else ""
     out.write(f"job {rec.id}: {rec.state}{reason}\n  stage:   {rec.stage}\n  backend: {rec.backend} {rec.backend_id}\n")
     if rec.after:
@@ -70,12 +80,18 @@ def logs(store: JobStore, ref: str, attempt: int | None, follow: bool, out: Text
     return 0
 
 
-def cancel(store: JobStore, ref: str, out: TextIO = sys.stdout) -> int:
-    """Stop the job for good: no requeue, no resubmission."""
+def cancel(store: JobStore, ref: str, out: TextIO = sys.stdout, as_json: bool = False) -> int:
+    """Stop the job for good: no requeue, no resubmission (``as_json``: ``{"id", "backend_id", "cancelled"}``;
+    ``cancelled`` is false when the job had already ended)."""
     rec = store.find(ref)
-    if rec.final:
+    done = rec.final
+    if not done:
+        get_backend(rec.backend).cancel(rec, store)
+    if as_json:
+        out.write(json.dumps({"id": rec.id, "backend_id": rec.backend_id, "cancelled": not done,
+                              "state": rec.state}) + "\n")
+    elif done:
         out.write(f"job {rec.id} already ended: {rec.state}\n")
-        return 0
-    get_backend(rec.backend).cancel(rec, store)
-    out.write(f"cancelled job {rec.id} ({rec.backend} {rec.backend_id})\n")
+    else:
+        out.write(f"cancelled job {rec.id} ({rec.backend} {rec.backend_id})\n")
     return 0

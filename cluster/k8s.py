@@ -2,7 +2,9 @@
 
 Training becomes a Kubeflow ``PyTorchJob`` (kubeflow.org/v1); data and eval stages a KubeRay ``RayJob``
 (ray.io/v1) whose cluster keeps Ray's token authentication on. The resolved config travels in a ConfigMap;
-secrets only as ``secretKeyRef`` to the Secret ``cluster.k8s.secret_name``.
+secrets only as ``secretKeyRef`` to the Secret ``cluster.k8s.secret_name``. Every pod asks for the CPUs of all its
+ranks, gets a memory-backed ``/dev/shm``, the termination grace period ``k8s.grace_period_s`` and, optionally,
+RDMA/EFA devices with ``IPC_LOCK``; the image is the repository's ``Dockerfile``.
 
 PyTorchJob's ``ExitCode`` restart policy restarts a replica only for exit codes >= 128 and treats 1-127 as
 permanent, so the container's shell maps the preemption code 75 (and any exit after a forwarded SIGTERM) to
@@ -32,7 +34,9 @@ CONFIG_MOUNT = "/etc/tessera"
 DEFAULT_WORKDIR = "/workspace"
 _LABEL = "tessera.io/job"
 _PTJ_LABEL = "training.kubeflow.org/job-name"
-# The container shell: run the stage in the background so SIGTERM (preemption, eviction) reaches it at once.
+# The container shell: run the stage in the background so SIGTERM (preemption, eviction) reaches it at once. After
+# a SIGTERM any failure counts as a preemption (143, retried): torchrun (several ranks per pod) exits 1, not the
+# ranks' 75, when its ranks checkpoint and exit.
 _WRAPPER = """{cmd} &
 child=$!
 signaled=0
@@ -40,8 +44,8 @@ trap 'signaled=1; kill -TERM "$child" 2>/dev/null' TERM
 while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"
 code=$?
-case "$code" in 0|1|2) exit "$code" ;; 75) exit 143 ;; esac
-if [ "$signaled" = 1 ]; then exit 143; fi
+if [ "$code" = 0 ]; then exit 0; fi
+if [ "$code" = 75 ] || [ "$signaled" = 1 ]; then exit 143; fi
 exit "$code"
 """
 
@@ -53,34 +57,52 @@ def k8s_name(text: str) -> str:
 
 
 def _env(spec: JobSpec) -> list[dict]:
-    c = spec.cluster
-    plain = {"PYTHONUNBUFFERED": "1", "TESSERA_NO_PROGRESS": "1", "TESSERA_JOB_ID": spec.id, **c.env}
+    c, r = spec.cluster, spec.cluster.resources
+    plain = {"PYTHONUNBUFFERED": "1", "TESSERA_NO_PROGRESS": "1", "TESSERA_JOB_ID": spec.id}
+    if r.cpus_per_task:
+        plain["OMP_NUM_THREADS"] = str(r.cpus_per_task)
+    if spec.distributed:
+        plain.update(c.distributed.environment())
+        # torchrun's agent (several ranks per pod) SIGKILLs its ranks this long after a SIGTERM: let a rank finish
+        # its step and checkpoint within the pod's grace period (torch releases since early 2026 read it; older: 30 s).
+        plain["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(c.k8s.grace_period_s)
+    plain.update(c.env)
     env = [{"name": k, "value": v} for k, v in plain.items()]
     # By name only: the value stays in the cluster's Secret; optional, so a job without W&B still starts.
     return env + [{"name": s, "valueFrom": {"secretKeyRef": {"name": c.k8s.secret_name, "key": s, "optional": True}}}
                   for s in c.secrets]
 
 
-def _resources(spec: JobSpec) -> dict:
+def _resources(spec: JobSpec, ranks: int) -> dict:
+    """One pod's requests and limits: the CPUs of all its ranks, the node's memory, GPUs, RDMA/EFA devices."""
     r, k = spec.cluster.resources, spec.cluster.k8s
-    res = {"cpu": str(r.cpus_per_task or k.cpus_per_node), "memory": f"{r.mem_gb or k.memory_gb_per_node}Gi"}
+    res = {"cpu": str(r.cpus_per_task * ranks if r.cpus_per_task else k.cpus_per_node),
+           "memory": f"{r.mem_gb or k.memory_gb_per_node}Gi"}
     if r.gpus_per_node:
         res["nvidia.com/gpu"] = str(r.gpus_per_node)
+    res.update({name: str(n) for name, n in k.rdma_resources.items()})
     return {"requests": dict(res), "limits": dict(res)}
 
 
-def pod_template(spec: JobSpec, container: str, command: list[str] | None, labels: dict) -> dict:
-    """A pod template: the image, the config mount, env with secret references, resources."""
+def pod_template(spec: JobSpec, container: str, command: list[str] | None, labels: dict, ranks: int = 1) -> dict:
+    """A pod template: the image, the config mount, a memory-backed /dev/shm, env with secret references,
+    resources for ``ranks`` ranks, the termination grace period."""
     c = spec.cluster
     workdir = c.workdir or DEFAULT_WORKDIR
-    mounts = [{"name": "tessera-config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
-    volumes = [{"name": "tessera-config", "configMap": {"name": f"{k8s_name(spec.name)}-config"}}]
+    mounts = [{"name": "tessera-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [{"name": "tessera-config", "configMap": {"name": f"{k8s_name(spec.name)}-config"}},
+               # DataLoader workers pass batches through /dev/shm; the container default (64 MB) kills them with a
+               # bus error. Memory-backed: it counts against the pod's memory limit.
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{c.k8s.shm_gb}Gi"}}]
     if c.k8s.volume_claim:
         mounts.append({"name": "work", "mountPath": workdir})
         volumes.append({"name": "work", "persistentVolumeClaim": {"claimName": c.k8s.volume_claim}})
     ctr = {"name": container, "image": c.k8s.image, **({"command": command} if command else {}),
-           "workingDir": workdir, "env": _env(spec), "resources": _resources(spec), "volumeMounts": mounts}
-    pod = {"containers": [ctr], "volumes": volumes}
+           "workingDir": workdir, "env": _env(spec), "resources": _resources(spec, ranks), "volumeMounts": mounts}
+    if c.k8s.rdma_resources:  # RDMA registers (pins) its buffers: the container needs to lock memory
+        ctr["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
+    pod = {"terminationGracePeriodSeconds": c.k8s.grace_period_s, "containers": [ctr], "volumes": volumes}
     if c.k8s.service_account:
         pod["serviceAccountName"] = c.k8s.service_account
     return {"metadata": {"labels": dict(labels)}, "spec": pod}
@@ -88,13 +110,8 @@ def pod_template(spec: JobSpec, container: str, command: list[str] | None, label
 
 def _deadline(spec: JobSpec) -> dict:
     """``activeDeadlineSeconds`` from ``resources.time``."""
-    t = spec.cluster.resources.time
-    if not t:
-        return {}
-    days, _, hms = t.rpartition("-")
-    parts = [int(p) for p in hms.split(":")]
-    parts = parts + [0] * (3 - len(parts)) if len(parts) > 1 else [0, parts[0], 0]  # Slurm: a lone number is minutes
-    return {"activeDeadlineSeconds": int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]}
+    seconds = spec.cluster.resources.seconds
+    return {"activeDeadlineSeconds": seconds} if seconds else {}
 
 
 def pytorchjob(spec: JobSpec, labels: dict) -> dict:
@@ -104,7 +121,8 @@ def pytorchjob(spec: JobSpec, labels: dict) -> dict:
     if r.ranks_per_node > 1:  # torchrun reads the PET_* rendezvous variables the operator sets
         cmd = ["python", "-m", "torch.distributed.run", "-m", *cmd[2:]]
     shell = ["/bin/sh", "-c", _WRAPPER.format(cmd=" ".join(shlex.quote(a) for a in cmd))]
-    replica = {"replicas": 1, "restartPolicy": "ExitCode", "template": pod_template(spec, "pytorch", shell, labels)}
+    replica = {"replicas": 1, "restartPolicy": "ExitCode",
+               "template": pod_template(spec, "pytorch", shell, labels, ranks=r.ranks_per_node)}
     replicas = {"Master": replica}
     if r.nodes > 1:
         replicas["Worker"] = dict(replica, replicas=r.nodes - 1)
@@ -143,7 +161,9 @@ def manifests(spec: JobSpec) -> list[dict]:
     """The ConfigMap with the resolved config, then the job."""
     c = spec.cluster
     if not c.k8s.image:
-        raise ConfigError("cluster.k8s.image is required for the k8s backend (an image with tessera installed)")
+        raise ConfigError("cluster.k8s.image is required for the k8s backend: an image with tessera installed, built "
+                          "from the repository's Dockerfile (docker build -t <registry>/tessera:<version> . and push "
+                          "it), then cluster.k8s.image=<registry>/tessera:<version>")
     labels = {"app.kubernetes.io/name": "tessera", _LABEL: k8s_name(spec.id)}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": f"{k8s_name(spec.name)}-config", "namespace": c.k8s.namespace,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tessera.cluster.backend import Backend, BackendError
+from tessera.cluster.config import ClusterConfig
 from tessera.cluster.records import Attempt, JobRecord, JobStore
 from tessera.cluster.spec import CONFIG_NAME, JobSpec
 from tessera.config import ConfigError
@@ -41,10 +42,8 @@ def entrypoint(spec: JobSpec) -> str:
             raise ConfigError("cluster.ray.train_launcher=process runs on one node; use ray_train for several")
         cmd = spec.command(python, "CONFIG") + ["--nproc", str(c.resources.ranks_per_node)]
     elif spec.distributed:
-        r = c.resources
-        workers = c.ray.train_workers or r.nodes * r.ranks_per_node
-        cmd = [python, "-m", "tessera.cluster.ray_train", "--workers", str(workers), "--", *spec.stage, "--config",
-               "CONFIG", *spec.stage_args]
+        cmd = [python, "-m", "tessera.cluster.ray_train", *ray_train_args(c), "--", *spec.stage, "--config", "CONFIG",
+               *spec.stage_args]
     else:
         cmd = spec.command(python, "CONFIG")
     line = " ".join(config if a == "CONFIG" else shlex.quote(a) for a in cmd)
@@ -54,10 +53,26 @@ def entrypoint(spec: JobSpec) -> str:
     return line
 
 
+def ray_train_args(c: ClusterConfig) -> list[str]:
+    """How the driver sizes its Ray Train workers, decided here from the cluster config: the driver runs on a head
+    node that usually has no GPU, so its own ``torch.cuda.is_available()`` says nothing about the workers."""
+    r, ray = c.resources, c.ray
+    workers = ray.train_workers or r.nodes * r.ranks_per_node
+    use_gpu = {"on": "on", "off": "off"}.get(ray.train_use_gpu, "on" if r.gpus_per_node else "auto")
+    args = ["--workers", str(workers), "--use-gpu", use_gpu, "--placement-strategy", ray.train_placement_strategy]
+    if r.cpus_per_task:
+        args += ["--cpus-per-worker", str(r.cpus_per_task)]
+    for name, amount in sorted(ray.train_resources_per_worker.items()):
+        args += ["--resource", f"{name}={amount:g}"]
+    return args
+
+
 def job_request(spec: JobSpec, attempt: int = 0) -> dict:
     """The Ray Jobs API request (``JobSubmissionClient.submit_job`` keyword arguments)."""
     c = spec.cluster
     env = {"PYTHONUNBUFFERED": "1", "TESSERA_NO_PROGRESS": "1", "TESSERA_JOB_ID": spec.id}
+    if spec.distributed:
+        env.update(c.distributed.environment())
     if spec.distributed and c.ray.train_launcher == "process" and c.resources.ranks_per_node == 1:
         # One rank in the driver: name the layout and a port of its own (not the single-process default 29500,
         # which two such jobs on one node would both take).

@@ -37,7 +37,7 @@ def sbatch_options(spec: JobSpec) -> list[str]:
     if r.nodes > 1 and not spec.distributed:
         raise ConfigError(f"only training stages span nodes; 'tessera {spec.stage_str}' runs on one node "
                           "(a data stage fans out over partitions with --array N)")
-    tasks = r.ranks_per_node if spec.distributed and s.launcher == "srun" else 1
+    tasks = r.ranks_per_node if spec.distributed else 1
     log = f"{spec.log_dir}/batch-%A_%a.out" if spec.array else f"{spec.log_dir}/batch-%j.out"
     opts = [f"--job-name={spec.name}", f"--nodes={r.nodes}", f"--ntasks-per-node={tasks}"]
     opts += [f"--gpus-per-node={r.gpus_per_node}"] if r.gpus_per_node else []
@@ -55,26 +55,19 @@ def sbatch_options(spec: JobSpec) -> list[str]:
 
 
 def launch_line(spec: JobSpec) -> str:
-    """The srun command: one task per rank for training (or torchrun per node), one task otherwise."""
-    c, r = spec.cluster, spec.cluster.resources
+    """The srun command: one task per rank for training (the ranks of every node), one task otherwise."""
+    c, r, s = spec.cluster, spec.cluster.resources, spec.cluster.slurm
     python = c.python or sys.executable
-    srun = ["srun", "--kill-on-bad-exit=1"]
-    if spec.distributed and c.slurm.launcher == "torchrun":
-        cmd = spec.command(python, str(spec.config_path))
-        torchrun = [python, "-m", "torch.distributed.run", f"--nnodes={r.nodes}",
-                    f"--nproc-per-node={r.ranks_per_node}", "--rdzv-backend=c10d", "--rdzv-id=$SLURM_JOB_ID",
-                    "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT", "-m", *cmd[2:]]
-        return " ".join(srun + ["--ntasks-per-node=1"] + [_quote_keep_vars(a) for a in torchrun])
-    tasks = [f"--ntasks-per-node={r.ranks_per_node}"] if spec.distributed else ["--ntasks=1"]
+    tasks = f"--ntasks-per-node={r.ranks_per_node}" if spec.distributed else "--ntasks=1"
+    srun = ["srun", "--kill-on-bad-exit=1", tasks]
+    # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without this every rank (and its loader
+    # workers) would be bound to one CPU.
+    srun += [f"--cpus-per-task={r.cpus_per_task}"] if r.cpus_per_task else []
+    srun += [f"--cpu-bind={s.cpu_bind}"] if s.cpu_bind else []
+    srun += [f"--gpu-bind={s.gpu_bind}"] if s.gpu_bind and r.gpus_per_node else []
     array = [_array_arg(a) for a in c.slurm.array_overrides] if spec.array else []
-    return " ".join(srun + tasks + [shlex.quote(a) for a in spec.command(python, str(spec.config_path))] + array)
-
-
-def _quote_keep_vars(arg: str) -> str:
-    """Quote for bash but let ``$SLURM_JOB_ID``-style references expand (double quotes)."""
-    if "$" not in arg:
-        return shlex.quote(arg)
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+    cmd = [*srun, *s.srun_args, *spec.command(python, str(spec.config_path))]
+    return " ".join([shlex.quote(a) for a in cmd] + array)
 
 
 def _array_arg(template: str) -> str:
@@ -88,10 +81,14 @@ def render_script(spec: JobSpec) -> str:
     """The sbatch script of ``spec``."""
     c, r = spec.cluster, spec.cluster.resources
     env = dict(_JOB_ENV)
-    if spec.distributed and r.nodes * r.ranks_per_node == 1:
-        # One rank: name the layout, so the trainer rendezvouses on MASTER_PORT (from the job id) instead of
-        # its single-process default port, which two one-rank jobs on a node would both take.
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if r.cpus_per_task:  # each task's (rank's) threads match its CPUs; torch would otherwise take the whole node's
+        env["OMP_NUM_THREADS"] = str(r.cpus_per_task)
+    if spec.distributed:
+        env.update(c.distributed.environment())
+        if r.nodes * r.ranks_per_node == 1:
+            # One rank: name the layout, so the trainer rendezvouses on MASTER_PORT (from the job id) instead of
+            # its single-process default port, which two one-rank jobs on a node would both take.
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.update(c.env)
     secrets_file = os.path.expanduser(c.slurm.secrets_file) if c.slurm.secrets_file else None
     return render_template(
@@ -173,9 +170,11 @@ class SlurmBackend(Backend):
 
     def refresh(self, record: JobRecord, store: JobStore) -> None:
         """Attempts from the job's events; state from ``scontrol`` (or from the last event once Slurm forgot)."""
+        # scontrol first: the batch script writes an attempt's end before the job ends, so events read after a
+        # final state always hold that end (read before, a job ending in between showed FAILED with no end yet).
+        jobs = scontrol_jobs(record.backend_id) if record.backend_id else []
         events, _ = store.events(record.id)
         record.attempts = attempts_from_events(events)
-        jobs = scontrol_jobs(record.backend_id) if record.backend_id else []
         if jobs:
             record.state, record.reason = _state(jobs)
         elif record.attempts and record.attempts[-1].action in _FINAL_ACTIONS:

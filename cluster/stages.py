@@ -73,12 +73,12 @@ def has_run(resolved: dict) -> bool:
     return isinstance(run, dict) and "id" in run and "root" in run
 
 
-def wandb_info(resolved: dict, run_id: str | None) -> dict[str, Any] | None:
-    """The W&B run the job logs to: the run id is fixed at submit time, so every requeue continues it."""
+def wandb_info(resolved: dict, run_id: str | None, wid: str | None = None) -> dict[str, Any] | None:
+    """The W&B run the job logs to: its id is fixed at submit time (``tracking.id``, or the run directory's
+    ``run.json`` for a run that exists), so every requeue continues it."""
     tracking = resolved.get("tracking")
-    if run_id is None or not isinstance(tracking, dict) or tracking.get("mode") == "disabled":
+    if run_id is None or wid is None or not isinstance(tracking, dict) or tracking.get("mode") == "disabled":
         return None
-    wid = run_id.replace("/", "-")  # tessera.tracking.Run derives the W&B id from the run id this way
     project, entity, mode = tracking.get("project") or "tessera", tracking.get("entity"), tracking.get("mode")
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").replace("://api.", "://", 1).rstrip("/")
     url = f"{base}/{entity or '<your-entity>'}/{project}/runs/{wid}"

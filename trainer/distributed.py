@@ -8,6 +8,7 @@ device, so that reading them costs one host sync after one small all-reduce.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import subprocess
@@ -86,7 +87,28 @@ def init_distributed(denv: DistEnv) -> None:
 
     if torch.cuda.is_available():  # before any encoder is built on "the current device"
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, verbose=False)
+    timeout = dist_timeout()
+    if denv.local_rank == 0:  # DeepSpeed's CPU shared-memory collective compiles on first use
+        from tessera.trainer.ds_config import announce_op_builds
+
+        announce_op_builds(["ShareMemCommBuilder"])
+    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, verbose=False,
+                               **({"timeout": timeout} if timeout else {}))
+
+
+def dist_timeout() -> datetime.timedelta | None:
+    """The process group's timeout, for the rendezvous and every collective, from ``TESSERA_DIST_TIMEOUT_S``
+    (``tessera submit`` sets it from ``cluster.distributed.timeout_s``); None: DeepSpeed's default (10 minutes)."""
+    raw = os.environ.get("TESSERA_DIST_TIMEOUT_S", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"TESSERA_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def barrier() -> None:

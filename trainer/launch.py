@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("tessera.launch")
 
@@ -122,18 +122,44 @@ class RayTrainOutcome:
     error: BaseException | None
 
 
-def run_on_ray(cfg, num_workers: int, make_hooks=None) -> RayTrainOutcome:
-    """Train ``cfg`` on ``num_workers`` Ray Train workers (one device each).
+@dataclass
+class RayScaling:
+    """Where Ray Train puts the workers (``tessera submit`` fills it from the cluster config)."""
+
+    workers: int
+    use_gpu: str = "auto"  # on | off | auto: GPUs when the Ray cluster has any
+    cpus_per_worker: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)  # more per-worker resources (custom ones too)
+    placement_strategy: str = "PACK"
+
+
+def scaling_config_kwargs(s: RayScaling, cluster_resources: dict[str, float]) -> dict:
+    """``ScalingConfig`` arguments. GPU use comes from the config or from the cluster's resources, never from this
+    process's own device: a Ray job's driver runs on a head node that usually has no GPU."""
+    if s.use_gpu not in ("on", "off", "auto"):
+        raise ValueError(f"use_gpu must be on, off or auto, got {s.use_gpu!r}")
+    use_gpu = s.use_gpu == "on" or (s.use_gpu == "auto" and cluster_resources.get("GPU", 0) > 0)
+    per_worker = {"CPU": s.cpus_per_worker} if s.cpus_per_worker else {}
+    per_worker.update({"GPU": 1} if use_gpu else {})
+    per_worker.update(s.resources)
+    return {"num_workers": s.workers, "use_gpu": use_gpu, "resources_per_worker": per_worker or None,
+            "placement_strategy": s.placement_strategy}
+
+
+def run_on_ray(cfg, scaling: RayScaling | int, make_hooks=None) -> RayTrainOutcome:
+    """Train ``cfg`` on Ray Train workers (one rank and, on GPUs, one GPU each), placed as ``scaling`` says (an
+    int: that many workers, GPUs if the cluster has them).
 
     ``make_hooks(cfg) -> TrainHooks`` (picklable) builds in-training evaluation on each worker."""
     import ray
-    import torch
     from ray.train import ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tessera.config import to_dict
     from tessera.ray_runtime import RayConfig, ensure_ray
+    from tessera.trainer.distributed import dist_timeout
 
+    scaling = RayScaling(workers=scaling) if isinstance(scaling, int) else scaling
     # A Ray job's driver joins its cluster (RAY_ADDRESS); else the embedded loopback runtime.
     started = ensure_ray(RayConfig(address=os.environ.get("RAY_ADDRESS") or None))
     name = f"tessera-preemption-{os.getpid()}-{time.time_ns()}"
@@ -143,11 +169,15 @@ def run_on_ray(cfg, num_workers: int, make_hooks=None) -> RayTrainOutcome:
         log.warning("received %s: asking the Ray Train workers to checkpoint and exit 75", signal.Signals(signum).name)
         notice.set.remote(signum)
 
-    use_gpu = torch.cuda.is_available()
+    kwargs = scaling_config_kwargs(scaling, ray.cluster_resources())
+    log.info("Ray Train: %d workers, GPUs %s, %s per worker, placement %s", kwargs["num_workers"],
+             "on" if kwargs["use_gpu"] else "off", kwargs["resources_per_worker"], kwargs["placement_strategy"])
+    timeout = dist_timeout()  # Ray Train starts the process group; the trainer's own timeout applies to it too
+    torch_config = TorchConfig(backend="nccl" if kwargs["use_gpu"] else "gloo",
+                               **({"timeout_s": int(timeout.total_seconds())} if timeout else {}))
     trainer = TorchTrainer(ray_train_loop, train_loop_config={**to_dict(cfg), "_make_hooks": make_hooks,
                                                               "_preemption_notice": name},
-                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+                           scaling_config=ScalingConfig(**kwargs), torch_config=torch_config)
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)} if main else {}
     try:

@@ -91,9 +91,11 @@ def train_overrides(tiny, runs: Path, **extra) -> list[str]:
 
 
 def cluster_overrides(state_dir: Path, **extra) -> list[str]:
-    """``cluster.*`` overrides: a private state dir, the test job environment, this interpreter."""
+    """``cluster.*`` overrides: a private state dir, the test job environment, this interpreter, and a job this
+    2-CPU machine can run (the packaged defaults ask for a GPU node: 8 GPUs, 8 CPUs per rank)."""
     env = "{" + ", ".join(f"{k}: '{v}'" for k, v in JOB_ENV.items()) + "}"
-    ov = {"state_dir": str(state_dir), "env": env, "python": sys.executable}
+    ov = {"state_dir": str(state_dir), "env": env, "python": sys.executable, "resources.gpus_per_node": 0,
+          "resources.cpus_per_task": 1}
     ov.update(extra)
     return [f"cluster.{k}={v}" for k, v in ov.items()]
 

@@ -1,7 +1,7 @@
 """A real single-node Slurm (Debian's slurm-wlm and munge) in a temporary directory, stopped by PID.
 
 munged, slurmctld and slurmd run from a config written here: this host at 127.0.0.1, ``auth/munge`` through
-a private munge socket, ``proctrack/linuxproc``, ``task/none``, ``select/cons_tres``, no accounting, free
+a private munge socket, ``proctrack/linuxproc``, ``task/affinity``, ``select/cons_tres``, no accounting, free
 ports, and a node with this machine's CPUs and memory. Clients find it through ``SLURM_CONF``.
 """
 
@@ -64,7 +64,9 @@ class SlurmCluster:
             # cred_expire also sets how long Slurm holds a requeued job before it may start again (default 120 s).
             "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge' / 'munge.socket'},cred_expire=10",
             "CredType=cred/munge",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+            # task/affinity binds each task to its CPUs, as production sites do (task/affinity or task/cgroup):
+            # a rank's sched_getaffinity then shows the CPUs srun gave it.
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/affinity", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "ReturnToService=2",
             "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none", "MinJobAge=3600", "KillWait=10", "SchedulerParameters=sched_interval=2",

@@ -44,9 +44,11 @@ CASES = {
          "slurm": {"partition": "gpu", "account": "proj42", "qos": "high", "extra_sbatch": ["--constraint=a100"]},
          "env": {"NCCL_DEBUG": "WARN"}, "retry": {"preemptions": 5, "crashes": 1}},
         {"after": "12345"}),
-    "train_torchrun.sbatch": (
+    "train_2nodes_8gpus_bind.sbatch": (
         ["train"], "train-20261202-120200-0a0b0c",
-        {"resources": {"nodes": 2, "gpus_per_node": 8}, "slurm": {"launcher": "torchrun"}}, {}),
+        {"resources": {"nodes": 2, "gpus_per_node": 8, "cpus_per_task": 12},
+         "slurm": {"gpu_bind": "closest", "srun_args": ["--distribution=block:block"]},
+         "distributed": {"timeout_s": 600, "env": {"NCCL_DEBUG": None, "NCCL_SOCKET_IFNAME": "ib0"}}}, {}),
     "ingest_array.sbatch": (
         ["data", "ingest"], "data-ingest-20261202-120300-abcdef",
         {"resources": {"cpus_per_task": 16, "time": "1-00:00:00"},
@@ -127,3 +129,26 @@ def test_the_job_sources_the_secrets_file_only_when_it_is_private(tmp_path, mode
     else:  # world-readable: refused by name and mode, and nothing from it reaches the environment
         assert f"not reading {path}: mode 644, it must be 600" in out.stderr
         assert "WANDB=\n" in out.stdout and "secret WANDB_API_KEY: not set" in out.stdout
+
+
+def test_each_rank_gets_its_cpus_threads_and_the_process_group_settings():
+    """srun is given --cpus-per-task itself (Slurm >= 22.05 does not pass sbatch's on), ranks are bound to their
+    cores with matching OMP threads, and training gets the NCCL defaults and timeout, changed by the config."""
+    text = rendered("train_2nodes_8gpus_bind.sbatch")
+    (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert "--ntasks-per-node=8 --cpus-per-task=12 --cpu-bind=cores --gpu-bind=closest" in srun
+    assert "--distribution=block:block" in srun and "torch.distributed.run" not in text
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines()
+                   if line.startswith("export ") and "=" in line and " " not in line.removeprefix("export "))
+    assert exports["OMP_NUM_THREADS"] == "12" and exports["TESSERA_DIST_TIMEOUT_S"] == "600"
+    assert exports["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and exports["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert "NCCL_DEBUG" not in exports  # a null in distributed.env drops that default
+    data = rendered("ingest_array.sbatch")  # one task with its CPUs, no process-group settings
+    assert "--ntasks=1 --cpus-per-task=16 --cpu-bind=cores" in data and "NCCL" not in data
+
+
+def test_torchrun_is_refused_with_the_reason():
+    from tessera.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="one srun task per rank.*dies on the time-limit SIGUSR1"):
+        load_config(ClusterConfig, None, ["slurm.launcher=torchrun"])

@@ -188,8 +188,10 @@ def test_with_kubectl_on_path_a_job_is_applied_followed_and_deleted(tmp_path):
     logs = tessera("jobs", "logs", "--state-dir", str(state), job, env=env)
     assert logs.returncode == 0 and "rank 0: step 1 loss 0.5" in logs.stdout, logs.stderr
     assert _calls(env)[-1] == ["logs", "-n", "ml", "-l", f"training.kubeflow.org/job-name={name}"]
-    out = tessera("jobs", "cancel", "--state-dir", str(state), job, env=env)
+    out = tessera("jobs", "cancel", "--state-dir", str(state), job, "--json", env=env)
     assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"id": job, "backend_id": rec["backend_id"], "cancelled": True,
+                                      "state": "CANCELLED"}
     assert ["delete", "-n", "ml", rec["backend_id"]] in _calls(env)[-2:]
     assert json.loads((state / job / "record.json").read_text())["state"] == "CANCELLED"
     again = submit("train", "--config", str(ROOT / "configs/train/tiny_dit.yaml"), "--backend", "k8s", *cl, env=env)
@@ -215,3 +217,41 @@ def test_a_kubectl_refusal_is_one_error_naming_the_written_manifests(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "doesn't have a resource type" in out.stderr and "manifests.yaml" in out.stderr
     assert "cluster.k8s.apply=never" in out.stderr
+
+
+def test_after_sigterm_any_failure_is_a_preemption():
+    """torchrun (several ranks per pod) exits 1, not its ranks' 75, once they checkpointed after a SIGTERM."""
+    proc = _wrapper("sh -c 'trap \"exit 1\" TERM; while :; do sleep 0.1; done'")
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+
+
+def test_training_pods_get_shm_grace_all_ranks_cpus_and_rdma():
+    from tests.cluster.test_golden import spec
+
+    from tessera.cluster.k8s import manifests
+
+    s = spec(["train"], "train-20261202-130000-abcdef",
+             {"backend": "k8s", "resources": {"nodes": 2, "gpus_per_node": 8, "cpus_per_task": 12, "mem_gb": 900},
+              "k8s": {"image": "registry.example.com/tessera:0.1.0", "grace_period_s": 900, "shm_gb": 128,
+                      "rdma_resources": {"vpc.amazonaws.com/efa": 32}}})
+    docs = manifests(s)
+    validate(docs)
+    for tmpl in pod_templates(docs[1]):
+        pod, (ctr,) = tmpl["spec"], tmpl["spec"]["containers"]
+        assert pod["terminationGracePeriodSeconds"] == 900
+        assert ctr["resources"]["limits"] == {"cpu": "96", "memory": "900Gi", "nvidia.com/gpu": "8",
+                                              "vpc.amazonaws.com/efa": "32"}  # 8 ranks x 12 CPUs
+        assert ctr["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+        shm = next(v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+        assert shm["emptyDir"]["sizeLimit"] == "128Gi"
+        assert {"name": shm["name"], "mountPath": "/dev/shm"} in ctr["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in ctr["env"]}
+        assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900" and env["OMP_NUM_THREADS"] == "12"
+        assert env["TESSERA_DIST_TIMEOUT_S"] == "1800" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert docs[1]["spec"]["nprocPerNode"] == "8"
+    plain = manifests(spec(["train"], "train-20261202-130001-abcdef",
+                           {"backend": "k8s", "resources": {"gpus_per_node": 1}}))
+    (ctr,) = pod_templates(plain[1])[0]["spec"]["containers"]
+    assert "securityContext" not in ctr and ctr["resources"]["limits"]["cpu"] == "8"  # k8s.cpus_per_node

@@ -79,7 +79,8 @@ def test_a_preempted_training_is_resubmitted_and_resumes(ray_head, tiny, tmp_pat
     assert (a1["exit_code"], a1["action"]) == (0, "done")
     logs = tessera("jobs", "logs", "--state-dir", str(state), job).stdout  # the latest attempt's driver log
     assert "resumed from" in logs
-    assert len(list((runs / job / "wandb").glob(f"offline-run-*-{job}"))) == 2  # one W&B run, two attempts
+    wid = rec["wandb"]["id"]  # fixed at submit time, so both attempts log to one W&B run
+    assert len(list((runs / job / "wandb").glob(f"offline-run-*-{wid}"))) == 2  # one W&B run, two attempts
 
 
 def test_stop_a_running_job(ray_head, tmp_path):

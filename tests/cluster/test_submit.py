@@ -102,10 +102,10 @@ def test_progress_probes_and_ray_addresses_come_from_the_resolved_config():
 
 def test_the_job_records_the_w_and_b_run_its_requeues_continue_unless_tracking_is_disabled():
     job = {"run": {"root": "/r", "id": None}, "tracking": {"project": "p", "entity": "e", "mode": "online"}}
-    info = wandb_info(job, "team/job-1")
-    assert info["id"] == "team-job-1" and info["url"].endswith("/e/p/runs/team-job-1")
-    assert wandb_info({**job, "tracking": {"project": "p", "mode": "disabled"}}, "job-1") is None
-    assert wandb_info(job, None) is None
+    info = wandb_info(job, "team/job-1", "team-job-1-0a1b2c3d")  # the id is fixed at submit time (tracking.id)
+    assert info["id"] == "team-job-1-0a1b2c3d" and info["url"].endswith("/e/p/runs/team-job-1-0a1b2c3d")
+    assert wandb_info({**job, "tracking": {"project": "p", "mode": "disabled"}}, "job-1", "x") is None
+    assert wandb_info(job, None, "x") is None
 
 
 def test_ray_train_maps_a_workers_preemption_exit_to_75():
@@ -147,3 +147,61 @@ def test_a_new_run_is_pinned_to_the_job_id_at_submit_time(tmp_path):
     named = SubmitRequest(stage=["train"], config=TINY, overrides=["run.id=mine", state])
     spec = build_spec(named, cluster_config(named), JobStore(tmp_path))
     assert spec.run_id == "mine" and not [a for a in spec.stage_args if a.startswith("run.id=")]  # continues its run
+
+
+def test_the_shortest_submit_renders_a_gpu_job_from_the_packaged_cluster_config(tmp_path):
+    """No --cluster: the defaults are configs/cluster/<backend>.yaml (GPUs, CPUs, time, grace), not a CPU job."""
+    buf = io.StringIO()
+    req = SubmitRequest(stage=["train"], config=TINY, overrides=[f"cluster.state_dir={tmp_path}"],
+                        flags={"backend": "slurm"}, dry_run=True)
+    submit(req, buf)
+    script = buf.getvalue()
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --time=24:00:00", "#SBATCH --signal=B:USR1@300", "export OMP_NUM_THREADS=8",
+                 "export TESSERA_DIST_TIMEOUT_S=1800"):
+        assert line in script, line
+    k8s = SubmitRequest(stage=["train"], config=TINY, overrides=[f"cluster.state_dir={tmp_path}"],
+                        flags={"backend": "k8s"}, dry_run=True)
+    with pytest.raises(ConfigError, match="cluster.k8s.image is required.*Dockerfile"):
+        submit(k8s, io.StringIO())
+
+
+def test_after_takes_a_tessera_job_or_a_slurm_job_id(tmp_path):
+    from tessera.cluster.submit import scheduler_dependency
+
+    store = JobStore(tmp_path)
+    store.create(JobRecord(id="train-20261201-000000-aaaaaa", backend="slurm", stage="train", backend_id="777"),
+                 {"config.yaml": "a: 1\n"})
+    store.create(JobRecord(id="data-ingest-20261201-000000-bbbbbb", backend="ray", stage="data ingest",
+                           backend_id="data-ingest-20261201-000000-bbbbbb-a0"), {"config.yaml": "a: 1\n"})
+    assert scheduler_dependency("train-20261201", "slurm", store) == "777"  # a Tessera job, by prefix
+    assert scheduler_dependency("4242", "slurm", store) == "4242"  # submitted with plain sbatch
+    assert scheduler_dependency("4242_3", "slurm", store) == "4242_3"  # one array task
+    with pytest.raises(ConfigError, match="no Tessera job of that id.*not a Slurm job id"):
+        scheduler_dependency("train-2025", "slurm", store)
+    with pytest.raises(ConfigError, match="runs on ray, this one on slurm"):
+        scheduler_dependency("data-ingest", "slurm", store)
+    buf = io.StringIO()
+    submit(SubmitRequest(stage=["train"], config=TINY, overrides=[f"cluster.state_dir={tmp_path}"], after="4242",
+                         flags={"backend": "slurm"}, dry_run=True), buf)
+    assert "#SBATCH --dependency=afterok:4242\n#SBATCH --kill-on-invalid-dep=yes" in buf.getvalue()
+
+
+def test_jobs_print_json_for_scripts(tmp_path):
+    import json
+
+    store = JobStore(tmp_path)
+    store.create(JobRecord(id="train-20261201-000000-aaaaaa", backend="slurm", stage="train", backend_id="777",
+                           state="COMPLETED", attempts=[Attempt(n=0, backend_id="777", exit_code=0, action="done")]),
+                 {"config.yaml": "a: 1\n"})
+    store.create(JobRecord(id="train-20261201-000001-cccccc", backend="k8s", stage="train", state="WRITTEN",
+                           backend_id="pytorchjob/tessera-train", endpoint="ml"), {"config.yaml": "a: 1\n"})
+    listed = json.loads(tessera("jobs", "ls", "--state-dir", str(tmp_path), "--json").stdout)
+    assert [(r["id"][-6:], r["state"]) for r in listed] == [("aaaaaa", "COMPLETED"), ("cccccc", "WRITTEN")]
+    status = json.loads(tessera("jobs", "status", "--state-dir", str(tmp_path), "777", "--json").stdout)
+    assert status["attempts"][0]["exit_code"] == 0 and status["backend_id"] == "777"
+    done = json.loads(tessera("jobs", "cancel", "--state-dir", str(tmp_path), "777", "--json").stdout)
+    assert done == {"id": "train-20261201-000000-aaaaaa", "backend_id": "777", "cancelled": False,
+                    "state": "COMPLETED"}
+    assert json.loads(tessera("jobs", "status", "--state-dir", str(tmp_path), "train-20261201-000001",
+                              "--json").stdout)["state"] == "WRITTEN"
