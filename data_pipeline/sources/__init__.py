@@ -31,8 +31,9 @@ class SourceConfig:
     # directory/prefix of tars; emoji: the font file; openclipart: the PNG root. Local or s3://.
     path: str = ""
     limit: int | None = None  # first N inputs in source order (not for webdataset: tars are unsized)
-    # urls (img2dataset-compatible tables)
-    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"  # auto: from the file extension
+    # urls (img2dataset-compatible tables; a .json file is one JSON array, .jsonl one object per line)
+    format: Literal["auto", "parquet", "arrow", "csv", "csv.gz", "tsv", "tsv.gz", "txt", "txt.gz", "json", "json.gz",
+                    "jsonl", "jsonl.gz"] = "auto"  # auto: from the file extension
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: list[str] | None = None  # kept in meta; None -> every other column
@@ -43,7 +44,9 @@ class SourceConfig:
     user_agent: str = DEFAULT_USER_AGENT
     max_redirects: int = 5  # more -> redirect_loop
     max_bytes: int = 64 * 2**20  # larger responses -> too_large
-    respect_optout: bool = True  # X-Robots-Tag: noai / noimageai -> opt_out
+    # X-Robots-Tag opt-outs, as img2dataset: its default directives (noai, noimageai, noindex, noimageindex) plus these
+    respect_optout: bool = True
+    extra_optout_directives: list[str] = field(default_factory=list)
     # folder
     captions_csv: str | None = None  # a CSV (file,caption) instead of sidecar .txt/.json
     # emoji

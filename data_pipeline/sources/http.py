@@ -16,7 +16,8 @@ from tessera.data_pipeline.sources import SourceConfig
 from tessera import storage
 
 T = TypeVar("T")
-OPTOUT_DIRECTIVES = {"noai", "noimageai"}
+# img2dataset's default disallowed_header_directives (img2dataset/main.py): honoured unless respect_optout is off.
+IMG2DATASET_OPTOUT = ("noai", "noimageai", "noindex", "noimageindex")
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -30,15 +31,18 @@ class FetchResult:
     retries: int = 0
 
 
-def opted_out(header_values: str | None, ua_token: str) -> bool:
-    """True if an X-Robots-Tag value forbids AI use, generally or for our user-agent token."""
-    if not header_values:
-        return False
-    for item in header_values.split(","):
-        name, sep, directive = item.strip().lower().rpartition(":")
-        if sep and name.strip() not in (ua_token, "*"):
-            continue  # a directive addressed to another crawler ("otherbot: noai")
-        if directive.strip() in OPTOUT_DIRECTIVES:
+def opted_out(header_values: list[str] | str | None, ua_token: str,
+              directives: Iterable[str] = IMG2DATASET_OPTOUT) -> bool:
+    """True if an X-Robots-Tag header disallows use, decided as img2dataset's ``is_disallowed``: each header is
+    ``[user-agent:] directive, directive, ...``, addressed to every crawler or to one, and forbids if it is
+    addressed to all or to our user-agent token and names one of ``directives``."""
+    wanted = {d.strip().lower() for d in directives}
+    values = [header_values] if isinstance(header_values, str) else list(header_values or [])
+    for value in values:
+        agent, sep, rest = value.partition(":")
+        if sep and agent.strip().lower() != ua_token:
+            continue  # a header addressed to another crawler ("otherbot: noai")
+        if any(d.strip().lower() in wanted for d in (rest if sep else value).split(",")):
             return True
     return False
 
@@ -49,6 +53,7 @@ class Downloader:
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
         self.ua_token = cfg.user_agent.split("/", 1)[0].strip().lower()
+        self.optout = (*IMG2DATASET_OPTOUT, *cfg.extra_optout_directives)
         self._local = threading.local()  # one requests.Session (connection pool) per thread
 
     def _session(self) -> requests.Session:
@@ -84,8 +89,9 @@ class Downloader:
                 if r.status_code != 200:
                     reason = "http_404" if r.status_code == 404 else f"http_{r.status_code}"
                     return FetchResult(None, reason, url), r.status_code in _RETRY_STATUS
-                if self.cfg.respect_optout and opted_out(r.headers.get("X-Robots-Tag"), self.ua_token):
-                    return FetchResult(None, "opt_out", r.headers.get("X-Robots-Tag", "")), False
+                tags = r.raw.headers.getlist("X-Robots-Tag")  # each header on its own: each names its crawler
+                if self.cfg.respect_optout and opted_out(tags, self.ua_token, self.optout):
+                    return FetchResult(None, "opt_out", "; ".join(tags)), False
                 data = r.raw.read(self.cfg.max_bytes + 1, decode_content=True)
                 if len(data) > self.cfg.max_bytes:
                     return FetchResult(None, "too_large", f"> {self.cfg.max_bytes} bytes"), False

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -37,18 +39,33 @@ def _rows(srv) -> list[dict]:
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
-    if path.suffix == ".parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)  # several row groups
+        return
+    if name.endswith(".arrow"):
+        table = pa.Table.from_pylist(rows)
+        with pa.ipc.new_file(str(path), table.schema) as w:
+            for batch in table.to_batches(max_chunksize=2):
+                w.write_batch(batch)
+        return
+    if name.endswith((".csv", ".tsv")):
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), delimiter="\t" if name.endswith(".tsv") else ",")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    elif name.endswith(".json"):
+        text = json.dumps(rows, indent=1)  # one JSON array, over many lines
     else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
 
 
-@pytest.mark.parametrize("ext", ["parquet", "csv", "jsonl"])
+FORMATS = ["parquet", "arrow", "csv", "tsv", "tsv.gz", "json", "jsonl", "jsonl.gz"]
+
+
+@pytest.mark.parametrize("ext", FORMATS)
 def test_urls_source_formats(http_server, tmp_path: Path, ext: str) -> None:
     rows = _rows(http_server)
     table = tmp_path / f"part0.{ext}"
@@ -68,6 +85,21 @@ def test_urls_source_formats(http_server, tmp_path: Path, ext: str) -> None:
                         limit=3)  # fmt: skip
     parts2, samples2 = read_all(cfg2, per_part=10)
     assert len(parts2) == 1 and len(samples2) == 3 and samples2[0].meta == {"url": rows[0]["URL"], "license": "cc0"}
+
+
+def test_urls_txt_is_one_url_per_line_and_json_is_an_array(http_server, tmp_path: Path) -> None:
+    urls = [http_server.add(f"/t{i}.jpg", image_bytes(seed=i)) for i in range(3)]
+    (tmp_path / "list.txt").write_text("\n".join(urls) + "\n")
+    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path / "list.txt")), per_part=2)
+    assert [(s.source_id, s.error, s.caption) for s in samples] == [(f"urls:list.txt:{i}", None, None)
+                                                                    for i in range(3)]
+    assert [s.meta["url"] for s in samples] == urls
+    (tmp_path / "lines.json").write_text("".join(json.dumps({"url": u, "caption": "c"}) + "\n" for u in urls))
+    with pytest.raises(ValueError, match="lines.json: a .json table must be one JSON array"):
+        build_source(SourceConfig(kind="urls", path=str(tmp_path / "lines.json"))).partitions(10)
+    (tmp_path / "arr.json").write_text(json.dumps([{"url": urls[0], "caption": "c"}, 7, {"url": urls[1]}]))
+    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path / "arr.json")), per_part=10)
+    assert [s.error for s in samples] == [None, "bad_row", None]
 
 
 def test_urls_directory_of_tables_and_bad_rows(http_server, tmp_path: Path) -> None:
@@ -99,9 +131,28 @@ def test_http_retries_then_succeeds(http_server, tmp_path: Path) -> None:
 
 
 def test_optout_header_parsing() -> None:
-    assert opted_out("noai", "tessera") and opted_out("noindex, noimageai", "tessera")
-    assert opted_out("tessera: noai", "tessera") and not opted_out("otherbot: noai", "tessera")
-    assert not opted_out("noindex, nofollow", "tessera") and not opted_out(None, "tessera")
+    """img2dataset's rule and default directives (noai, noimageai, noindex, noimageindex), one header at a time."""
+    assert opted_out("noai", "tessera") and opted_out("noindex, nofollow", "tessera")
+    assert opted_out("tessera: noimageindex", "tessera") and not opted_out("otherbot: noai", "tessera")
+    assert opted_out(["otherbot: noai", "noimageai"], "tessera")  # the second header addresses every crawler
+    assert not opted_out(["otherbot: noai, noindex"], "tessera")  # the whole header addresses otherbot
+    assert not opted_out("nofollow, nosnippet", "tessera") and not opted_out(None, "tessera")
+    assert opted_out("nosnippet", "tessera", ["nosnippet"])
+
+
+def test_optout_headers_reject_by_default_and_by_configured_directives(http_server, tmp_path: Path) -> None:
+    img = image_bytes()
+    rows = [{"url": http_server.add("/a.jpg", img, headers={"X-Robots-Tag": "noindex"}), "caption": "a"},
+            {"url": http_server.add("/b.jpg", img, headers={"X-Robots-Tag": "tessera: nosnippet"}), "caption": "b"},
+            {"url": http_server.add("/c.jpg", img, headers={"X-Robots-Tag": "otherbot: noai"}), "caption": "c"}]
+    _write_table(rows, tmp_path / "t.parquet")
+    _, plain = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet")), per_part=10)
+    assert [s.error for s in plain] == ["opt_out", None, None]
+    _, extra = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"),
+                                     extra_optout_directives=["nosnippet"]), per_part=10)
+    assert [s.error for s in extra] == ["opt_out", "opt_out", None]
+    _, off = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"), respect_optout=False), per_part=10)
+    assert [s.error for s in off] == [None, None, None]
 
 
 def test_folder_source_sidecars(tmp_path: Path) -> None:
@@ -265,3 +316,35 @@ def test_sources_read_from_s3(s3_bucket: str, tmp_path: Path) -> None:
     assert [(s.source_id, s.data, s.caption) for s in folder] == [("folder:a.jpg", img, b"caption a")]
     _, urls = read_all(SourceConfig(kind="urls", path=f"{s3_bucket}/tables"))
     assert urls[0].error is None and urls[0].data == img and urls[0].meta["x"] == 1
+
+
+@pytest.mark.s3
+def test_urls_parquet_is_read_by_row_groups_and_columns(s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """On S3 (bytes counted by the server): counting rows reads the footer, a partition the two row groups it
+    overlaps and its two columns -- not the 500-byte blob column, not the other six row groups."""
+    from tessera import storage
+    from tessera.data_pipeline.sources.urls import Table
+    from tests.trainer.data.s3_counting import CountingS3
+
+    n = 8000
+    blob = [bytes(np.random.default_rng(i).integers(0, 256, 500, dtype=np.uint8)) for i in range(n)]
+    table = pa.table({"url": [f"http://img/{i}.jpg" for i in range(n)], "caption": [f"c{i}" for i in range(n)],
+                      "blob": blob})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=1000)
+    url = f"{s3_bucket}/t.parquet"
+    storage.write_bytes(url, (tmp_path / "t.parquet").read_bytes())
+    size = (tmp_path / "t.parquet").stat().st_size
+    srv = CountingS3().start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoints[0])
+        storage.configure(storage.StorageConfig())
+        t = Table(url, "parquet", SourceConfig(kind="urls", path=url, extra_cols=[]))
+        assert t.count() == n
+        footer = srv.traffic.bytes_of("/" + url[len("s3://"):])
+        rows = list(t.rows(2500, 3500))
+        read = srv.traffic.bytes_of("/" + url[len("s3://"):]) - footer
+    finally:
+        srv.stop()
+        storage.configure(storage.StorageConfig())
+    assert rows == [{"url": f"http://img/{i}.jpg", "caption": f"c{i}"} for i in range(2500, 3500)]
+    assert footer < 0.02 * size and read < 0.1 * size, (footer, read, size)

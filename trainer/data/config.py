@@ -14,7 +14,9 @@ class LoaderConfig:
     batch_size: int = 32  # per rank
     num_workers: int = 4  # DataLoader worker processes per rank
     seed: int = 0
-    shuffle_buffer: int = 1000  # within-shard, per bucket; <= 1 keeps tar order
+    # Samples mixed: a reader interleaves consecutive shards of its span until they hold this many (its shuffle
+    # window), and within a shard each bucket's keys pass a shuffle buffer of this size; <= 1 keeps tar order.
+    shuffle_buffer: int = 1000
     verify: Literal["first_open", "always", "never"] = "first_open"  # sha256 against the manifest
     caption_variants: dict[str, float] = field(default_factory=lambda: {"alt": 1.0})  # variant -> ratio
     variant_fallback_order: list[str] | None = None  # None: configured variants by decreasing ratio
@@ -25,7 +27,17 @@ class LoaderConfig:
     prefetch_factor: int = 2  # batches in flight per worker
     drop_invalid: bool = True  # False: raise on the first bad sample or corrupt shard (debugging)
     epochs: int | None = None  # None: iterate forever; else stop after this epoch count
-    s3_cache_shards: int = 4  # downloaded S3 shards kept in memory per worker
+    # Nodes: ranks per node (None: LOCAL_WORLD_SIZE, else SLURM_NTASKS_PER_NODE, else one node). The plan depends
+    # only on ranks x workers; a node's readers share its shard cache.
+    ranks_per_node: int | None = None
+    # S3 datasets go through a node-local shard cache: each shard downloaded once per node. "{node}" in the path is
+    # replaced by the node index (tests run several "nodes" on one machine). None: <tmp>/tessera-shard-cache.
+    cache_dir: str | None = None
+    cache_gb: float | None = None  # cache bound; None: half the free space of cache_dir's disk at start
+    prefetch_shards: int = 2  # shards each reader downloads ahead of its current shuffle window
+    download_threads: int = 4  # concurrent ranged GETs per shard download
+    download_part_mb: int = 8  # bytes per ranged GET
+    lock_timeout_s: float = 600.0  # longest wait for another process's download or for cache room, then an error
 
     def __post_init__(self) -> None:
         if isinstance(self.path, str):
@@ -42,6 +54,12 @@ class LoaderConfig:
             raise ValueError("caption_variants must map at least one variant to a ratio >= 0")
         if sum(self.caption_variants.values()) <= 0:
             raise ValueError("caption_variants ratios must not all be 0")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1 or null, got {self.ranks_per_node}")
+        if self.cache_gb is not None and self.cache_gb <= 0:
+            raise ValueError(f"cache_gb must be > 0 or null, got {self.cache_gb}")
+        if self.prefetch_shards < 0 or self.download_threads < 1 or self.download_part_mb < 1:
+            raise ValueError("prefetch_shards >= 0, download_threads >= 1 and download_part_mb >= 1 are required")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or null, got {self.epochs}")
 

@@ -61,7 +61,7 @@ def write_dataset(root: str, *, shards: int = 4, per_shard: int = 24, buckets: d
                   emb: dict[str, tuple[int, int]] | None = None, latent: dict[str, tuple[int, int, int]] | None = None,
                   fmt: str = "jpg", seed: int = 0, bad_image: set[str] = frozenset(),
                   no_caption: set[str] = frozenset(), blank_alt: set[str] = frozenset(),
-                  smooth: bool = False) -> DatasetInfo:
+                  smooth: bool = False, pad: int = 0) -> DatasetInfo:
     """Write ``shards`` tars of ``per_shard`` samples with random buckets, captions and optional caches.
 
     ``missing_variant[v]`` is the fraction of samples whose caption variant ``v`` is absent; ``emb`` maps
@@ -69,7 +69,8 @@ def write_dataset(root: str, *, shards: int = 4, per_shard: int = 24, buckets: d
     Keys in ``bad_image`` get undecodable image bytes, keys in ``no_caption`` get no caption at all, keys in
     ``blank_alt`` an empty ``alt`` and ``KEY.txt`` (as an ingest with ``require_caption: false`` keeps an
     uncaptioned image; their other variants stay); the manifest still matches those shards (they are bad
-    samples, not corrupt shards).
+    samples, not corrupt shards). ``pad`` adds a ``KEY.pad.bin`` member of that many zero bytes per sample, which
+    the loader never reads (big shards at no decoding cost).
     """
     buckets = buckets or DEFAULT_BUCKETS
     variants = variants or {"alt": 1.0, "vlm_short": 1.0}
@@ -106,6 +107,8 @@ def write_dataset(root: str, *, shards: int = 4, per_shard: int = 24, buckets: d
                         t = {"hidden": torch.randn(length, dim), "mask": torch.ones(length, dtype=torch.int8),
                              "pooled": torch.randn(dim)}
                         _add(tf, f"{key}.emb.{enc}.{v}.safetensors", save_safetensors(t))
+                if pad:
+                    _add(tf, f"{key}.pad.bin", bytes(pad))
                 for ae, shape in (latent or {}).items():
                     _add(tf, f"{key}.latent.{ae}.safetensors", save_safetensors({"latent": torch.randn(*shape)}))
                 counts[bucket] = counts.get(bucket, 0) + 1

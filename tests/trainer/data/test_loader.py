@@ -107,3 +107,10 @@ def test_state_is_json_and_checks_the_dataset(local_ds: DatasetInfo, tmp_path: P
         build_loader(_cfg(local_ds.root), 0, 2).load_state_dict(state)
     counts = Counter(loader.stats()["variants"])
     assert sum(counts.values()) == 8
+
+
+def test_too_few_samples_for_every_reader_is_a_clear_error(tmp_path: Path) -> None:
+    ds = write_dataset(str(tmp_path), shards=2, per_shard=6, seed=3, buckets={"16x16": 1.0})
+    with pytest.raises(ValueError, match="8 readers .* no full batch of 4 samples"):
+        build_loader(_cfg(ds.root, num_workers=2), 0, 4)  # 12 samples over 4 ranks x 2 workers
+    assert len(list(build_loader(_cfg(ds.root, num_workers=0), 0, 3))) == 1  # 4 samples each: one batch
