@@ -1,8 +1,8 @@
-"""What a suite knows about a checkpoint before loading it: its step, sample settings and weight files.
+"""What a suite knows about a checkpoint before loading it: its step, sample settings and weight sets.
 
 Resolution and the file formats are the trainer's (``trainer.inference.resolve_checkpoint`` and
-``job_config``, ``trainer.checkpoint.read_json``); evaluation only reads them. The weights are hashed so that
-a suite's generated images are keyed by the exact weights that made them.
+``job_config``, ``trainer.consolidate`` for a sharded checkpoint's weights); evaluation only reads them. The
+weights are hashed so that a suite's generated images are keyed by the exact weights that made them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tessera import storage
 from tessera.config import to_dict
 from tessera.trainer import checkpoint as C
+from tessera.trainer import consolidate
 from tessera.trainer.inference import job_config, resolve_checkpoint, sampling_weights
 
 
@@ -27,7 +28,7 @@ class CheckpointInfo:
     samples: int
     sampler: dict  # the trainer SamplerConfig it was trained to sample with
     size: tuple[int, int]  # its training-time sample (height, width)
-    weights: dict[str, str]  # file (relative to url) -> url
+    weights: dict[str, str]  # weight set (a file relative to url, or "raw"/"ema" of a sharded checkpoint) -> url
 
 
 def checkpoint_info(checkpoint: str) -> CheckpointInfo:
@@ -42,7 +43,7 @@ def checkpoint_info(checkpoint: str) -> CheckpointInfo:
         state = C.read_json(storage.join(url, "trainer_state.json"))["trainer"]
         step, samples = state.get("step", 0), state.get("samples", 0)
         sampler, size = to_dict(cfg.samples.sampler), [cfg.samples.height, cfg.samples.width]
-        files = [f for f in ("model.safetensors", "ema.safetensors") if storage.exists(storage.join(url, f))]
+        files = list(consolidate.weight_sets(url).values())
     return CheckpointInfo(given=checkpoint, url=url, kind=kind, step=int(step), samples=int(samples),
                           sampler=dict(sampler), size=(int(size[0]), int(size[1])),
                           weights={f: storage.join(url, f) for f in files})
@@ -52,6 +53,12 @@ def weights_used(info: CheckpointInfo, use_ema: bool) -> str:
     """The weight file ``trainer.inference.load_for_sampling`` reads (images are keyed by its hash before any
     weights are loaded)."""
     return sampling_weights(info.kind, info.url, use_ema)
+
+
+def weights_sha256(info: CheckpointInfo) -> dict[str, str]:
+    """sha256 of each weight set: a file's bytes, or a sharded checkpoint's assembled tensors."""
+    return {name: sha256_url(u) if name.endswith(".safetensors") else consolidate.weights_sha256(info.url, name)
+            for name, u in info.weights.items()}
 
 
 def sha256_url(url: str) -> str:

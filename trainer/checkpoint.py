@@ -1,24 +1,20 @@
-"""Checkpoints on disk or S3: safetensors + JSON, atomic directories, a ``latest`` pointer, keep-last-K, and a
-background writer.
+"""Checkpoint directories on disk or S3: atomic commits, a ``latest`` pointer, keep-last-K, a background writer
+per rank, and the small files (JSON, RNG states) every checkpoint holds.
 
-Layout of ``<root>/step_000000123/``::
+Layout of ``<root>/step_000000123/`` (``docs/checkpoints.md``)::
 
-    model.safetensors      full fp32 master weights (gathered on rank 0 from the ZeRO slices)
-    optimizer.safetensors  Adam moments per parameter: exp_avg/<name>, exp_avg_sq/<name>
-    ema.safetensors        EMA weights
-    trainer_state.json     counters, Adam's step, world size, ZeRO stage, config hash
-    loader/rank<R>.json    each rank's data-loader state
-    rng/rank<R>.json       python / numpy / torch / cuda RNG states of each rank
-    config.yaml            the resolved config
-    COMPLETE               written last: a directory without it is ignored
+    shards/rank<R>.safetensors  each rank's slices of weights, Adam moments and EMA (``trainer/shards.py``)
+    loader/rank<R>.json         each rank's data-loader state
+    rng/rank<R>.json            each rank's python / numpy / torch / cuda RNG states
+    config.yaml                 the resolved config (rank 0)
+    index.json                  every shard's tensors, element ranges and byte offsets (rank 0, at commit)
+    trainer_state.json          counters, Adam's step, world size, ZeRO stage, how long the save took (rank 0)
+    COMPLETE                    written last, by rank 0, once every rank has reported its files written
 
-Why our own format instead of ``engine.save_checkpoint``: DeepSpeed's files are pickles loaded with
-``weights_only=False``, and they are tied to the world size. Full fp32 tensors in safetensors load onto ANY
-world size and ZeRO stage (each rank reads just its slices), and nothing is ever unpickled.
-
-Rank 0 writes the whole directory on a background thread (``AsyncWriter``): the training loop is blocked only
-while the state is gathered and copied to host memory; the files, fsyncs, the ``COMPLETE`` marker, the rename
-and ``latest`` follow while training goes on, and the next save first waits for the previous one.
+Every rank writes its own files on its own background thread (``AsyncWriter``); rank 0 writes the metadata and
+``COMPLETE`` only after all ranks reported success (``train_state.Checkpointer``). A directory without
+``COMPLETE`` is never read, and pruning removes it. Locally a checkpoint is assembled in ``step_X.partial`` and
+renamed after ``COMPLETE``; S3 has no rename, so there ``COMPLETE`` is the last object written under the prefix.
 """
 
 from __future__ import annotations
@@ -32,12 +28,12 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
@@ -111,41 +107,6 @@ def read_json(url: str) -> Any:
     return json.loads(storage.read_text(url))
 
 
-class TensorFile:
-    """Tensors of one safetensors file read one at a time by name (an S3 object is copied to a temp file
-    first), so a rank restoring its slices never holds the whole file in memory."""
-
-    def __init__(self, url: str) -> None:
-        self._tmp = None
-        if storage.is_s3(url):
-            self._tmp = tempfile.NamedTemporaryFile(suffix=".safetensors")
-            with storage.open_read(url) as src:
-                shutil.copyfileobj(src, self._tmp, 8 << 20)
-            self._tmp.flush()
-            path = self._tmp.name
-        else:
-            path = str(storage.local_path(url))
-        self._f = safe_open(path, framework="pt", device="cpu")
-        self.url = url
-        self.names = set(self._f.keys())
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``; KeyError naming the file when absent."""
-        if name not in self.names:
-            raise KeyError(f"{self.url} has no tensor {name!r}")
-        return self._f.get_tensor(name)
-
-    def maybe(self, name: str) -> torch.Tensor | None:
-        """The tensor ``name``, or None when absent."""
-        return self._f.get_tensor(name) if name in self.names else None
-
-    def close(self) -> None:
-        """Release the file (and the temp copy of an S3 object)."""
-        self._f = None
-        if self._tmp is not None:
-            self._tmp.close()
-
-
 def is_checkpoint_dir(url: str) -> bool:
     """True for a complete training checkpoint directory."""
     return storage.exists(storage.join(url, COMPLETE))
@@ -175,69 +136,95 @@ class CheckpointManager:
         return storage.join(self.root, name if storage.is_s3(self.root) else name + ".partial")
 
     def prepare(self, step: int) -> str:
-        """Clear a stale half-written staging dir of ``step``; returns the staging url."""
+        """Clear a stale half-written staging dir of ``step`` (on S3 also a complete one being retaken, marker
+        first); returns the staging url."""
         url = self.staging_url(step)
         if storage.is_s3(url):
-            for u in storage.list_prefix(url + "/"):
-                storage.delete(u)
+            _delete_prefix(url)
         else:
             shutil.rmtree(storage.local_path(url), ignore_errors=True)
             storage.local_path(url).mkdir(parents=True)
         return url
 
     def commit(self, step: int) -> str:
-        """After every file of ``step`` is written: mark complete, rename, move ``latest``, prune."""
+        """After every file of ``step`` is written (every rank's, and the metadata): ``COMPLETE``, the rename,
+        ``latest``, and pruning."""
         staging = self.staging_url(step)
-        storage.write_text(storage.join(staging, COMPLETE), "ok\n")
+        storage.write_text(storage.join(staging, COMPLETE), "ok\n")  # last: only this makes the dir count
         final = storage.join(self.root, step_dirname(step))
         if not storage.is_s3(self.root):
             dst = storage.local_path(final)
             if dst.exists():  # a retake of the same step (e.g. after a rollback) replaces the old one
-                shutil.rmtree(dst)
+                _remove_local(dst)
             storage.local_path(staging).rename(dst)
             _fsync_dir(dst.parent)
         storage.write_text(storage.join(self.root, "latest"), step_dirname(step) + "\n")
-        self._prune()
+        self._prune(step)
         log.info("checkpoint %s written", final)
         return final
 
-    def _prune(self) -> None:
-        steps = self.complete_steps()
-        for s in steps[:-self.keep_last] if self.keep_last > 0 else []:
-            url = storage.join(self.root, step_dirname(s))
-            if storage.is_s3(url):
-                for u in storage.list_prefix(url + "/"):
-                    storage.delete(u)
+    def _prune(self, committed: int) -> None:
+        """Drop complete checkpoints beyond ``keep_last`` and any incomplete one older than ``committed`` (a save
+        killed half-way: never read, and no save of that step is in flight any more)."""
+        complete, seen = self._scan()
+        drop = set(complete[:-self.keep_last] if self.keep_last > 0 else [])
+        drop |= {s for s in seen if s < committed and s not in complete}
+        for s in sorted(drop):
+            name = step_dirname(s)
+            if storage.is_s3(self.root):
+                _delete_prefix(storage.join(self.root, name))
             else:
-                shutil.rmtree(storage.local_path(url), ignore_errors=True)
+                for d in (name, name + ".partial"):
+                    _remove_local(storage.local_path(storage.join(self.root, d)))
+
+    def _scan(self) -> tuple[list[int], set[int]]:
+        """(steps of complete checkpoints ascending, steps of every checkpoint dir or prefix, complete or not)."""
+        if not storage.is_s3(self.root) and not storage.exists(self.root):
+            return [], set()
+        complete, seen = set(), set()
+        for u in storage.list_prefix(self.root.rstrip("/") + "/"):
+            rel = u[len(self.root.rstrip("/")) + 1:].split("/")
+            m = _STEP_RE.match(rel[0].removesuffix(".partial")) if len(rel) >= 2 else None
+            if m:
+                seen.add(int(m.group(1)))
+                if len(rel) == 2 and rel[1] == COMPLETE and not rel[0].endswith(".partial"):
+                    complete.add(int(m.group(1)))
+        return sorted(complete), seen
 
     def complete_steps(self) -> list[int]:
         """Steps of every complete checkpoint, ascending; half-written ones are ignored."""
-        if not storage.is_s3(self.root) and not storage.exists(self.root):
-            return []
-        steps = set()
-        for u in storage.list_prefix(self.root.rstrip("/") + "/"):
-            rel = u[len(self.root.rstrip("/")) + 1:].split("/")
-            if len(rel) == 2 and rel[1] == COMPLETE and _STEP_RE.match(rel[0]):
-                steps.add(int(_STEP_RE.match(rel[0]).group(1)))
-        return sorted(steps)
+        return self._scan()[0]
 
     def resolve(self, resume: str) -> str | None:
         """``none`` -> None; ``auto`` -> newest complete checkpoint or None; else the given dir (must be complete)."""
         if resume == "none":
             return None
         if resume != "auto":
-            if not storage.exists(storage.join(resume, COMPLETE)):
+            if not is_checkpoint_dir(resume):
                 raise FileNotFoundError(f"not a complete checkpoint (no {COMPLETE} marker): {resume}")
             return resume
         latest = storage.join(self.root, "latest")
         if storage.exists(latest):
             name = storage.read_text(latest).strip()
-            if storage.exists(storage.join(self.root, name, COMPLETE)):
+            if is_checkpoint_dir(storage.join(self.root, name)):
                 return storage.join(self.root, name)
             log.warning("'latest' points at incomplete %s; scanning for the newest complete checkpoint", name)
         steps = self.complete_steps()
         return storage.join(self.root, step_dirname(steps[-1])) if steps else None
+
+
+def _delete_prefix(url: str) -> None:
+    """Delete every object under an S3 prefix, its ``COMPLETE`` marker first (it never marks a partial set)."""
+    marker = storage.join(url, COMPLETE)
+    storage.delete(marker)
+    for u in storage.list_prefix(url + "/"):
+        storage.delete(u)
+
+
+def _remove_local(path: Path) -> None:
+    """Remove a checkpoint dir, its ``COMPLETE`` marker first (a crash half-way leaves it incomplete)."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -249,33 +236,47 @@ def _fsync_dir(path: Path) -> None:
 
 
 class AsyncWriter:
-    """One background write at a time: ``submit`` waits for the previous write (re-raising its error), then
-    runs ``job`` on a new thread; ``wait`` blocks until the last write is done."""
+    """This rank's background write: one job at a time on its own thread. ``code()`` is the state the ranks
+    exchange in the step's all-reduce: 0 while running (or before any job), -1 after a failure, 1 + the job's
+    seconds once done. The thread is a daemon: a rank that fails stops without waiting for a write that can no
+    longer be committed."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._code, self.error = 0.0, None
         self.last_step: int | None = None
 
     def submit(self, step: int, job: Callable[[], None]) -> None:
-        """Start writing checkpoint ``step`` in the background."""
-        self.wait()
+        """Run ``job`` (writing checkpoint ``step``) in the background, after the previous job has ended."""
+        self.join()
+        self._code, self.error, self.last_step = 0.0, None, step
 
         def run() -> None:
+            t0 = time.perf_counter()
             try:
                 job()
-            except BaseException as e:  # re-raised in the training thread by the next submit/wait
-                self._error = e
+            except BaseException as e:  # reported through code(); the loop raises it on every rank
+                log.exception("writing checkpoint step %d failed", step)
+                self.error, self._code = f"{type(e).__name__}: {e}", -1.0
+                return
+            self._code = 1.0 + time.perf_counter() - t0
 
-        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
-        self.last_step = step
 
-    def wait(self) -> None:
-        """Block until the pending write is committed; raise if it failed."""
+    def code(self) -> float:
+        """0 running or idle, -1 failed, 1 + seconds when done."""
+        return self._code
+
+    def join(self) -> None:
+        """Block until the current job has ended (successfully or not)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"writing checkpoint step {self.last_step} failed: {err}") from err
+
+    def wait(self) -> None:
+        """Block until the current job has ended; raise if it failed (a one-process caller's check)."""
+        self.join()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise RuntimeError(f"writing checkpoint step {self.last_step} failed: {err}")

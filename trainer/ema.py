@@ -2,18 +2,18 @@
 
 Each rank averages only the slice of the master weights it owns (``zero_state.Fragment``), on the device
 where DeepSpeed keeps it: an update is one fused lerp over local tensors, with no communication and 1/world
-of the memory. The full EMA is assembled on rank 0 only when it is saved or sampled. Slices are elementwise,
-so the result is bitwise the EMA of the full parameters (tests/trainer/test_ema_sharded.py).
+of the memory. Each rank checkpoints its own slices; the full EMA is assembled on rank 0 only to sample from
+it (grids, in-training evaluation). Slices are elementwise, so the result is bitwise the EMA of the full
+parameters (tests/trainer/test_zero_state.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from tessera.trainer.zero_state import Fragment, gather_to_rank0, scatter_from_full
+from tessera.trainer.zero_state import Fragment, gather_to_rank0
 
 
 @dataclass(kw_only=True)
@@ -60,9 +60,9 @@ class ShardedEMA:
         """Full EMA tensors on rank 0 ({} elsewhere); collective."""
         return gather_to_rank0(self.frags, lambda f: self.shadow[f.name])
 
-    def load_full(self, full: Callable[[str], torch.Tensor]) -> None:
-        """Take this rank's slices from full EMA tensors read by name."""
-        def write(f: Fragment, piece: torch.Tensor) -> None:
-            self.shadow[f.name].copy_(piece)
-
-        scatter_from_full(self.frags, full, write)
+    @torch.no_grad()
+    def load_slices(self, slices: dict[str, torch.Tensor]) -> None:
+        """Take this rank's slices (by parameter name, as a checkpoint holds them)."""
+        for name, t in self.shadow.items():
+            if t.numel():
+                t.copy_(slices[name])

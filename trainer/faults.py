@@ -1,5 +1,6 @@
 """Fault injection for tests and drills (``debug:`` config): non-finite losses and gradients on a chosen rank at
-chosen optimizer steps, slow checkpoint writes, and a per-step record of the sample keys each rank trained on."""
+chosen optimizer steps, slow or failing checkpoint writes, and a per-step record of the sample keys each rank
+trained on."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class DebugConfig:
     nan_rank: int = 0  # which rank is poisoned (-1: all)
     record_keys: bool = False  # append each step's sample keys to <run>/keys/rank<R>.jsonl (data lineage audits)
     ckpt_write_delay_s: float = 0.0  # sleep between checkpoint files (widens the window a kill test aims at)
+    ckpt_fail_steps: list[int] = field(default_factory=list)  # the checkpoints of these steps fail to write ...
+    ckpt_fail_rank: int = 0  # ... on this rank (-1: all), after its shard is written
 
 
 def hits(cfg: DebugConfig, steps: list[int], step: int, rank: int) -> bool:
@@ -48,10 +51,16 @@ def poison_local_grads(engine) -> None:
         raise RuntimeError("fault injection found no gradient to poison")
 
 
-def delay(cfg: DebugConfig) -> None:
-    """Sleep between checkpoint files when a drill asks for it."""
-    if cfg.ckpt_write_delay_s > 0:
-        time.sleep(cfg.ckpt_write_delay_s)
+def checkpoint_drill(cfg: DebugConfig, rank: int):
+    """What a rank's checkpoint writer runs between its files (``Checkpointer.between_files``): the drill's
+    delay, and the injected write failure of ``ckpt_fail_steps`` on ``ckpt_fail_rank``."""
+    def between_files(step: int) -> None:
+        if cfg.ckpt_write_delay_s > 0:
+            time.sleep(cfg.ckpt_write_delay_s)
+        if step in cfg.ckpt_fail_steps and cfg.ckpt_fail_rank in (rank, -1):
+            raise OSError(f"injected checkpoint write failure on rank {rank} at step {step} (debug.ckpt_fail_steps)")
+
+    return between_files
 
 
 def record_keys(local_dir, rank: int, step: int, keys: list[str]) -> None:

@@ -1,29 +1,42 @@
-"""What a training checkpoint holds and how the loop saves and restores it (the collective choreography).
+"""What a training checkpoint holds and how the ranks save and restore it (the collective choreography).
 
-Save: every rank joins the gathers (weights, Adam moments, EMA reduced to rank 0 bucket by bucket) and sends
-its small loader/RNG states to rank 0; rank 0 hands host copies to the background writer and training goes
-on. Restore: rank 0 picks the checkpoint and tells the others (a pending write could otherwise make ranks see
-different ``latest``); each rank reads only its own slices.
+Save (``Checkpointer.save``, called by every rank at the same step):
+
+1. the previous save is finished first: at most one is in flight;
+2. rank 0 clears the staging directory and sends its url to the others (nobody writes before it is ready);
+3. each rank plans its shard and sends the layout (a few numbers per parameter, no tensors) to rank 0;
+4. each rank copies its own slices of weights, Adam moments and EMA into its host buffer (the only time the loop
+   is blocked) and starts its background write: its shard, its loader and RNG JSON (rank 0 also ``config.yaml``);
+5. each step the ranks exchange their writer's state in the step's one all-reduce (``status`` -> ``settle``).
+   Once every rank has written, rank 0 commits on its writer thread (``index.json``, ``trainer_state.json``,
+   ``COMPLETE``, rename, ``latest``); when any write failed, every rank raises at that same step, naming the
+   rank and its error, so no rank is left waiting in a collective.
+
+Restore (``load``): every rank reads only the byte ranges of its own slices (``shards.ShardIndex``), whatever
+world size and ZeRO stage wrote them, and writes them into DeepSpeed's partitions (``zero_state.restore``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from tessera import storage
 from tessera.trainer import checkpoint as C
+from tessera.trainer import shards as S
 from tessera.trainer import zero_state as Z
-from tessera.trainer.data import merge_rank_states
-from tessera.trainer.distributed import gather_to_rank0, rank, world_size
+from tessera.trainer.distributed import all_reduce_sum, gather_to_rank0, rank, world_size
 
 log = logging.getLogger("tessera.train")
 
-FORMAT = "tessera-ckpt/2"
+FORMAT = "tessera-ckpt/3"
 
 
 @dataclass
@@ -38,127 +51,237 @@ class TrainState:
     ema_decay: float = 0.0
 
 
+class CheckpointWriteError(RuntimeError):
+    """A rank failed to write its part of a checkpoint; raised on every rank at the same step."""
+
+
+@dataclass
+class _Save:
+    """The save in flight: ``write`` (every rank writing) -> ``commit`` (rank 0 committing) -> done."""
+
+    step: int
+    url: str
+    t0: float
+    stall_s: float
+    phase: str = "write"
+    write_s: list[float] = field(default_factory=list)  # per rank
+    meta: dict = field(default_factory=dict)  # rank 0: index.json and trainer_state.json, less the timings
+
+
 @dataclass
 class Checkpointer:
-    """The loop's handle on checkpoints: where they go, what is in flight."""
+    """The loop's handle on checkpoints: where they go and the save in flight."""
 
     mgr: C.CheckpointManager
-    writer: C.AsyncWriter
     config_url: str  # the run's config.yaml, copied into every checkpoint
     config_hash: str
-    pause: Callable[[], None] = lambda: None  # between files: fault drills widen the write window
-    # Rank 0: the weight files of a checkpoint from the gathered trainable weights (default: model.safetensors).
-    # Fine-tuning's seam: a LoRA run writes its adapter for resuming, the merged model for sampling, PEFT's files.
-    files: Callable[[dict], dict[str, Any]] | None = None
+    # Called between a rank's files with the step: fault drills widen the write window or make a write fail.
+    between_files: Callable[[int], None] = lambda step: None
+    # Rank 0: extra files of a checkpoint (name -> tensors or text), taken at save time. Fine-tuning's seam: a LoRA
+    # run adds the merged model (what sample/export/eval read) and PEFT's adapter folder.
+    files: Callable[[], dict[str, Any]] | None = None
+    device: torch.device = torch.device("cpu")  # where the status all-reduce runs (the loop's collective device)
+    writer: C.AsyncWriter = field(default_factory=C.AsyncWriter)
+    buffer: S.HostBuffer = field(default_factory=S.HostBuffer)
+    _save: _Save | None = None
+    _metrics: dict = field(default_factory=dict)
 
     def save(self, engine, frags, ema, loader, st: TrainState) -> None:
-        """Collective: gather the state to rank 0 and start writing it in the background there."""
-        weights = Z.gather_to_rank0(frags, lambda f: f.view())
-        moments = {f"{key}/{name}": t for key in Z.MOMENTS
-                   for name, t in Z.gather_to_rank0(frags, lambda f, k=key: f.view(k)).items()}
-        ema_full = ema.gather() if ema is not None else None
-        small = gather_to_rank0({"loader": loader.state_dict(), "rng": C.rng_state()})
-        if rank() != 0:
+        """Collective: copy this rank's slices to host memory and write them in the background; rank 0 commits
+        once every rank has written (``settle``/``finish``)."""
+        self.finish()
+        t0 = time.perf_counter()
+        box = [self.mgr.prepare(st.step) if rank() == 0 else None]
+        if world_size() > 1:  # also the sync point: no rank writes before the staging dir is ready
+            dist.broadcast_object_list(box, src=0)
+        url = box[0]
+        buffers = dict(engine.module.named_buffers()) if rank() == 0 else {}
+        kinds = ["weight", *Z.MOMENTS] + (["ema"] if ema is not None else [])
+        plan = S.ShardPlan(rank(), [(f"{k}/{f.name}", f.start, f.numel) for k in kinds for f in frags],
+                           {n: b.detach() for n, b in buffers.items()})
+        layouts = gather_to_rank0(plan.layout())
+        by_name = {f.name: f for f in frags}
+
+        def source(key: str) -> torch.Tensor:
+            kind, name = key.split("/", 1)
+            if kind == "buffer":
+                return buffers[name].detach()
+            if kind == "ema":
+                return ema.shadow[name]
+            return by_name[name].view(None if kind == "weight" else kind)
+
+        data = self.buffer.stage(plan, source)
+        small = {"loader": loader.state_dict(), "rng": C.rng_state()}
+        extra = self.files() if self.files is not None and rank() == 0 else {}
+        step = st.step  # bound now: the loop moves on while the thread writes
+        save = _Save(step, url, t0, 0.0)
+        if rank() == 0:
+            shapes = {f.name: list(f.shape) for f in frags}
+            save.meta = {"index": S.build_index(layouts, shapes, format=FORMAT, world_size=world_size(),
+                                                zero_stage=engine.zero_optimization_stage()),
+                         "state": {"format": FORMAT, "trainer": dataclasses.asdict(st), "world_size": world_size(),
+                                   "zero_stage": engine.zero_optimization_stage(), "adam_step": Z.adam_step(engine),
+                                   "config_hash": self.config_hash}}
+        save.stall_s = time.perf_counter() - t0
+        if world_size() == 1:  # nobody to wait for: the writer commits right after its files
+            save.phase = "commit"
+            self.writer.submit(step, lambda: self._write_and_commit(save, plan, data, small, extra))
+        else:
+            self.writer.submit(step, lambda: self._write(url, step, plan, data, small, extra))
+        self._save = save
+        log.info("checkpoint step %d: %.1f MB of this rank's state staged in %.3f s, writing in the background",
+                 st.step, plan.nbytes / 1e6, save.stall_s)
+
+    def _write(self, url: str, step: int, plan: S.ShardPlan, data: torch.Tensor, small: dict, extra: dict) -> None:
+        """This rank's files (background thread)."""
+        r = rank()
+        S.write_shard(storage.join(url, S.shard_file(r)), plan, data)
+        self.between_files(step)
+        C.write_json(storage.join(url, "loader", f"rank{r}.json"), small["loader"])
+        C.write_json(storage.join(url, "rng", f"rank{r}.json"), small["rng"])
+        self.between_files(step)
+        if r == 0:
+            storage.copy(self.config_url, storage.join(url, "config.yaml"))
+            for name, content in extra.items():
+                if isinstance(content, str):
+                    storage.write_text(storage.join(url, name), content)
+                else:
+                    C.write_tensors(storage.join(url, name), content, {"format": FORMAT})
+            self.between_files(step)
+
+    def _write_and_commit(self, s: _Save, plan: S.ShardPlan, data: torch.Tensor, small: dict, extra: dict) -> None:
+        """One rank alone: its files, then the commit, on the writer thread."""
+        t0 = time.perf_counter()
+        self._write(s.url, s.step, plan, data, small, extra)
+        s.write_s = [time.perf_counter() - t0]
+        self._commit(s)
+
+    def status(self) -> list[float]:
+        """This rank's slot of the vector the ranks sum each step: its writer's state (``AsyncWriter.code``)."""
+        out = [0.0] * world_size()
+        if self._save is not None:
+            out[rank()] = self.writer.code()
+        return out
+
+    def settle(self, codes: list[float]) -> None:
+        """Act on every rank's writer state (the summed ``status``), identically on every rank: raise when a
+        write failed; when all have written, rank 0 starts the commit; when the commit is done, report it."""
+        s = self._save
+        if s is None:
             return
-        for name, b in engine.module.named_buffers():
-            weights[f"buffer/{name}"] = b.detach().to("cpu", copy=True)
-        state = {"format": FORMAT, "trainer": dataclasses.asdict(st), "world_size": world_size(),
-                 "zero_stage": engine.zero_optimization_stage(), "adam_step": Z.adam_step(engine),
-                 "config_hash": self.config_hash}
-        files = self.files(weights) if self.files is not None else {"model.safetensors": weights}
-        job = CheckpointFiles(st.step, files, moments, ema_full, small, state)
-        self.writer.submit(st.step, lambda: write_checkpoint(self.mgr, job, self.config_url, self.pause))
+        failed = [r for r, c in enumerate(codes) if c < 0] if s.phase == "write" else [0] if codes[0] < 0 else []
+        if failed:
+            self._save = None
+            box = [self.writer.error if rank() == failed[0] else None]
+            if world_size() > 1:  # the error text lives on the failed rank only
+                dist.broadcast_object_list(box, src=failed[0])
+            raise CheckpointWriteError(f"checkpoint step {s.step}: writing failed on rank "
+                                       f"{', '.join(map(str, failed))}: {box[0]}")
+        if s.phase == "write" and all(c > 0 for c in codes):
+            s.phase, s.write_s = "commit", [c - 1.0 for c in codes]
+            if rank() == 0:
+                self.writer.submit(s.step, lambda: self._commit(s))
+        elif s.phase == "commit" and codes[0] > 0:
+            self._done(s, codes[0] - 1.0)
+
+    def _commit(self, s: _Save) -> None:
+        """Rank 0's writer thread: metadata, then ``COMPLETE``, rename, ``latest``, prune."""
+        state = dict(s.meta["state"], save=self._timing(s))
+        storage.write_text(storage.join(s.url, "index.json"), json.dumps(s.meta["index"], indent=1))
+        storage.write_text(storage.join(s.url, "trainer_state.json"), json.dumps(state, indent=1, sort_keys=True))
+        self.between_files(s.step)
+        self.mgr.commit(s.step)
+
+    def _timing(self, s: _Save) -> dict:
+        """How long the save took: what ``tessera submit`` checks the preemption grace period against."""
+        nbytes = sum(lay["bytes"] for lay in s.meta.get("index", {}).get("shards", []))
+        slowest = max(range(len(s.write_s)), key=s.write_s.__getitem__)
+        return {"stall_s": round(s.stall_s, 4), "write_s": round(s.write_s[slowest], 4), "slowest_rank": slowest,
+                "seconds": round(s.stall_s + s.write_s[slowest], 4), "shard_bytes": nbytes,
+                "world_size": len(s.write_s)}
+
+    def _done(self, s: _Save, commit_s: float) -> None:
+        self._save = None
+        t = self._timing(s)
+        self._metrics = {"ckpt/step": s.step, "ckpt/stall_s": t["stall_s"], "ckpt/write_s": t["write_s"],
+                         "ckpt/commit_s": round(commit_s, 4)}
+        if rank() == 0:
+            log.info("checkpoint step %d committed: loop blocked %.3f s, slowest write %.2f s (rank %d), commit "
+                     "%.2f s, %.1f MB in %d shards", s.step, t["stall_s"], t["write_s"], t["slowest_rank"],
+                     commit_s, t["shard_bytes"] / 1e6, t["world_size"])
+
+    def _exchange(self) -> list[float]:
+        return all_reduce_sum(torch.tensor(self.status(), dtype=torch.float64, device=self.device))
+
+    def finish(self) -> None:
+        """Collective: block until the save in flight is committed; raise on every rank if a write failed."""
+        while self._save is not None:
+            self.writer.join()
+            self.settle(self._exchange())
+
+    def metrics(self) -> dict:
+        """The last committed save's timings (once), for the loop's metrics."""
+        out, self._metrics = self._metrics, {}
+        return out
 
     def committed(self, step: int) -> bool:
-        """True on every rank when this run's checkpoint root holds a complete checkpoint of ``step`` (rank 0
-        decides after its pending write, and tells the others)."""
-        if rank() == 0:
-            self.writer.wait()
+        """True on every rank when this run's checkpoint root holds a complete checkpoint of ``step``."""
+        self.finish()
         box = [step in self.mgr.complete_steps() if rank() == 0 else None]
         if world_size() > 1:
             dist.broadcast_object_list(box, src=0)
         return bool(box[0])
 
     def resolve(self, resume: str) -> str | None:
-        """The checkpoint to resume from, decided on rank 0 (after its pending write) and shared."""
-        if rank() == 0:
-            self.writer.wait()
+        """The checkpoint to resume from, decided on rank 0 once no save is in flight, and shared."""
+        self.finish()
         box = [self.mgr.resolve(resume) if rank() == 0 else None]
         if world_size() > 1:
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
 
-
-@dataclass
-class CheckpointFiles:
-    """Host copies of everything one checkpoint holds, ready to be written."""
-
-    step: int
-    weights: dict  # file name -> {name: full fp32 tensor (plus buffer/<name>)} or text (e.g. a JSON config)
-    moments: dict  # exp_avg/<name>, exp_avg_sq/<name>
-    ema: dict | None
-    ranks: list[dict]  # per rank: {"loader": ..., "rng": ...}
-    state: dict  # trainer_state.json
-
-
-def write_checkpoint(mgr: C.CheckpointManager, job: CheckpointFiles, config_url: str,
-                     pause: Callable[[], None] = lambda: None) -> None:
-    """Write one checkpoint directory and commit it (``COMPLETE``, rename, ``latest``): a kill at any point leaves
-    the previous complete checkpoint the newest one."""
-    url = mgr.prepare(job.step)
-    for name, content in job.weights.items():
-        if isinstance(content, str):
-            storage.write_text(storage.join(url, name), content)
-        else:
-            C.write_tensors(storage.join(url, name), content, {"format": FORMAT})
-        pause()
-    C.write_tensors(storage.join(url, "optimizer.safetensors"), job.moments)
-    pause()
-    if job.ema is not None:
-        C.write_tensors(storage.join(url, "ema.safetensors"), job.ema)
-        pause()
-    for r, s in enumerate(job.ranks):
-        C.write_json(storage.join(url, "loader", f"rank{r}.json"), s["loader"])
-        C.write_json(storage.join(url, "rng", f"rank{r}.json"), s["rng"])
-    C.write_json(storage.join(url, "trainer_state.json"), job.state)
-    storage.copy(config_url, storage.join(url, "config.yaml"))
-    pause()
-    mgr.commit(job.step)
-
-
-def load(url: str, engine, frags, ema, loader, st: TrainState, restore_loader: bool = True,
-         weights_file: str = "model.safetensors") -> None:
-    """Restore weights (the trainable ones, from ``weights_file``), Adam moments, EMA, counters, RNG and (same or
-    other world size) loader state."""
+def load(url: str, engine, frags, ema, loader, st: TrainState, restore_loader: bool = True) -> None:
+    """Restore this rank's slices of the weights, Adam moments and EMA (any world size and ZeRO stage), the buffers,
+    counters, RNG and (same or other world size) loader state."""
     state = C.read_json(storage.join(url, "trainer_state.json"))
-    weights, moments = C.TensorFile(storage.join(url, weights_file)), \
-        C.TensorFile(storage.join(url, "optimizer.safetensors"))
-    try:
-        Z.restore(engine, weights.get, moments.maybe, state["adam_step"])
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{url} is a {state.get('format')} checkpoint; resuming needs {FORMAT} (tessera sample, "
+                         f"export and eval still read it)")
+    index = S.ShardIndex(url, C.read_json(storage.join(url, "index.json")))
+    for f in frags:
+        saved = index.shapes.get(f.name)
+        if saved is None or list(saved) != list(f.shape):
+            raise ValueError(f"{url}: parameter {f.name} of shape {list(f.shape)} is "
+                             f"{'missing' if saved is None else f'saved with shape {saved}'}")
+    kinds = ["weight", *Z.MOMENTS] + (["ema"] if ema is not None and index.has("ema") else [])
+    slices = {k: {f.name: torch.empty(f.numel, dtype=torch.float32) for f in frags if f.numel} for k in kinds}
+    index.fill([(f"{k}/{f.name}", f.start, slices[k][f.name]) for k in kinds for f in frags if f.numel])
+    Z.restore(engine, frags, slices, state["adam_step"])
+    saved_buffers = index.buffer_tensors()
+    with torch.no_grad():
         for name, b in engine.module.named_buffers():
-            t = weights.maybe(f"buffer/{name}")
-            if t is not None:
-                b.data.copy_(t)
-    finally:
-        weights.close()
-        moments.close()
-    if ema is not None and storage.exists(storage.join(url, "ema.safetensors")):
-        ema_file = C.TensorFile(storage.join(url, "ema.safetensors"))
-        try:
-            ema.load_full(ema_file.get)
-        finally:
-            ema_file.close()
+            if name in saved_buffers:
+                b.copy_(saved_buffers[name])
+    if "ema" in slices:
+        ema.load_slices(slices["ema"])
     for k, v in state["trainer"].items():
         setattr(st, k, v)
     same_world = state["world_size"] == world_size()
-    if restore_loader:
-        states = [C.read_json(storage.join(url, "loader", f"rank{r}.json")) for r in range(state["world_size"])]
-        if same_world:
-            loader.load_state_dict(states[rank()])
+    if restore_loader:  # this rank's own state when it resumes exactly; else every rank's, which the loader merges
+        mine = C.read_json(storage.join(url, "loader", f"rank{rank()}.json")) if same_world else None
+        if mine is not None and loader.resumes_exactly(mine):
+            loader.load_state_dict(mine)
         else:
-            log.info("world size changed %d -> %d: merging loader states", state["world_size"], world_size())
-            loader.load_state_dict(merge_rank_states(states))
+            log.info("layout changed (%d ranks -> %d): merging loader states", state["world_size"], world_size())
+            loader.load_rank_states([C.read_json(storage.join(url, "loader", f"rank{r}.json"))
+                                     for r in range(state["world_size"])])
     rng_url = storage.join(url, "rng", f"rank{rank()}.json")
     if same_world and storage.exists(rng_url):
         C.set_rng_state(C.read_json(rng_url))
+
+
+def save_seconds(url: str) -> float | None:
+    """How long the save of checkpoint ``url`` took (stall + slowest rank's write), when it was recorded."""
+    save = C.read_json(storage.join(url, "trainer_state.json")).get("save") or {}
+    return save.get("seconds")

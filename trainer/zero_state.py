@@ -8,9 +8,11 @@ view of it in the fp32 master weights or in an Adam moment, on the device DeepSp
   sits in the parameter; ``get_hp_fragment(key)``: the view). A rank owns no slice of some parameters.
 * ZeRO-3: ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state``: rank r owns elements
   ``[r * n, (r + 1) * n)`` of the flattened parameter padded to ``world * n`` (``n = param.partition_numel()``).
+  With the optimizer offloaded to the CPU those getters return a copy on the accelerator, so a restore writes
+  through DeepSpeed's setters (``safe_set_local_*``) into the real partitions.
 
-With fragments the EMA lives on each rank's own slice (no per-step gather), and a checkpoint is gathered to
-rank 0 only (one ``reduce`` per bucket of parameters: the other ranks never hold a full copy).
+With fragments the EMA lives on each rank's own slice (no per-step gather), and each rank checkpoints its own
+slices (``trainer/shards.py``). ``gather_to_rank0`` remains for sampling (grids, the fine-tuning guard).
 """
 
 from __future__ import annotations
@@ -36,10 +38,20 @@ class Fragment:
     start: int  # offset of the slice in the flattened parameter
     numel: int  # elements of the slice; 0 when this rank owns none
     _view: Callable[[str | None], torch.Tensor]
+    _set: Callable[[str | None, torch.Tensor], None] | None = None  # None: write through view()
 
     def view(self, key: str | None = None) -> torch.Tensor:
         """The slice (1-D, fp32) in the master weights (``key=None``) or in Adam's ``key`` moment."""
         return self._view(key)[: self.numel] if self.numel else torch.empty(0)
+
+    def set(self, key: str | None, value: torch.Tensor) -> None:
+        """Overwrite the slice (``numel`` elements) in DeepSpeed's own storage."""
+        if not self.numel:
+            return
+        if self._set is not None:
+            self._set(key, value)
+        else:
+            self.view(key).copy_(value)
 
     @property
     def full_numel(self) -> int:
@@ -63,14 +75,11 @@ def fragments(engine) -> list[Fragment]:
         if not p.requires_grad:
             continue
         if hasattr(p, "ds_id"):  # ZeRO-3
-            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
             n = p.partition_numel()
             start = rank * n
             valid = max(0, min(n, p.ds_numel - start))
-            view = (lambda key, p=p: safe_get_local_fp32_param(p) if key is None
-                    else safe_get_local_optimizer_state(p, key))
-            out.append(Fragment(name, p.ds_shape, start, valid, view))
+            out.append(Fragment(name, p.ds_shape, start, valid, lambda key, p=p: _z3_get(p, key),
+                                lambda key, value, p=p, n=n: _z3_set(p, n, key, value)))
         else:  # ZeRO-1/2, bf16 optimizer
             m = p._hp_mapping
             if m is None:
@@ -79,6 +88,25 @@ def fragments(engine) -> list[Fragment]:
                 addr = m.lp_fragment_address
                 out.append(Fragment(name, p.shape, addr.start, addr.numel, lambda key, m=m: m.get_hp_fragment(key)))
     return out
+
+
+def _z3_get(p, key: str | None) -> torch.Tensor:
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    return safe_get_local_fp32_param(p) if key is None else safe_get_local_optimizer_state(p, key)
+
+
+def _z3_set(p, n: int, key: str | None, value: torch.Tensor) -> None:
+    """Write a ZeRO-3 partition through DeepSpeed's setter: under CPU offload the getter hands back a copy on the
+    accelerator (``partition.to(device)``), and writing into that copy would be lost."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    full = torch.zeros(n, dtype=torch.float32)  # the partition's padding past the parameter's end stays zero
+    full[: value.numel()] = value
+    if key is None:
+        safe_set_local_fp32_param(p, full)
+    else:
+        safe_set_local_optimizer_state(p, full, key)
 
 
 def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,7 +126,7 @@ def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tens
             total += frags[i].full_numel
             i += 1
         # When this rank owns every element no zero fill is needed, and with one rank no reduce; a CPU buffer is
-        # handed over as is (it is fresh), so a one-rank CPU save copies each tensor once.
+        # handed over as is (it is fresh), so a one-rank CPU gather copies each tensor once.
         covered = all(f.numel == f.full_numel for f, _ in bucket)
         buf = (torch.empty if covered else torch.zeros)(total, dtype=torch.float32, device=device)
         for f, off in bucket:
@@ -111,15 +139,6 @@ def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tens
             for f, off in bucket:
                 out[f.name] = host[off: off + f.full_numel].view(f.shape)
     return out
-
-
-@torch.no_grad()
-def scatter_from_full(frags: list[Fragment], full: Callable[[str], torch.Tensor],
-                      write: Callable[[Fragment, torch.Tensor], None]) -> None:
-    """Give every slice its part of the full tensor ``full(name)`` (local, no communication)."""
-    for f in frags:
-        if f.numel:
-            write(f, full(f.name).reshape(-1)[f.start: f.start + f.numel])
 
 
 def ensure_optimizer_state(engine) -> None:
@@ -159,30 +178,24 @@ def set_adam_step(engine, step: int) -> None:
 
 
 @torch.no_grad()
-def restore(engine, weight: Callable[[str], torch.Tensor], moment: Callable[[str], torch.Tensor | None],
-            adam_steps: int) -> None:
-    """Load full fp32 weights and Adam moments (read one tensor at a time by name) into an engine of any world
-    size and ZeRO stage 1/2/3: each rank keeps only its own slices."""
+def restore(engine, frags: list[Fragment], slices: dict[str, dict[str, torch.Tensor]], adam_steps: int) -> None:
+    """Write this rank's slices (``slices[kind][name]``, kinds ``weight`` and the Adam moments, each ``numel``
+    elements from ``start``) into DeepSpeed's fp32 partitions, then refresh the working weights the forward uses.
+
+    Collective under ZeRO-1/2: each rank restored only its own partition, and ``update_lp_params`` all-gathers
+    the working (bf16 or fp32) module weights from the partitions, exactly as DeepSpeed does after a step."""
     ensure_optimizer_state(engine)
-    frags = {f.name: f for f in fragments(engine)}
-    for name, p in engine.module.named_parameters():
-        if name not in frags:
+    for f in frags:
+        if not f.numel:
             continue
-        full = weight(name)
-        f = frags[name]
-        if tuple(full.shape) != tuple(f.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(full.shape)}, the model {tuple(f.shape)}")
-        flat = full.reshape(-1)
-        if f.numel:
-            f.view().copy_(flat[f.start: f.start + f.numel])
-        if not hasattr(p, "ds_id"):  # ZeRO-1/2 keep a full working copy in the module: start from the same bits
-            p.data.copy_(full.to(p.device, p.dtype))
+        f.set(None, slices["weight"][f.name])
         for key in MOMENTS:
-            m = moment(f"{key}/{name}")
-            if m is not None and f.numel:
-                f.view(key).copy_(m.reshape(-1)[f.start: f.start + f.numel])
+            if f.name in slices.get(key, {}):
+                f.set(key, slices[key][f.name])
     zopt = engine.optimizer
     if hasattr(zopt, "fp32_partitioned_groups_flat"):  # ZeRO-3: working bit16 partitions <- restored fp32
         for bit16, fp32 in zip(zopt.fp16_partitioned_groups_flat, zopt.fp32_partitioned_groups_flat):
             bit16.data.copy_(fp32.data)
+    else:  # ZeRO-1/2 and the bf16 optimizer: module weights <- partitions, all-gathered
+        zopt.update_lp_params()
     set_adam_step(engine, adam_steps)

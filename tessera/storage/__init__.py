@@ -8,6 +8,9 @@ counted retries live in :mod:`tessera.storage.s3_client`). The backends share on
 * Writes are atomic: locally a temp file in the same directory, fsync, then rename; on S3 a single PUT
   or a multipart upload whose CompleteMultipartUpload is issued only when the ``with`` block exits
   cleanly (aborted otherwise). ``create_only`` refuses to overwrite (``If-None-Match: *`` on S3).
+* Big objects (checkpoint shards) move without a joined copy: ``write_buffers`` writes a sequence of buffers as
+  one object (on S3, parts uploaded concurrently), ``read_ranges`` fills buffers from byte ranges (``preadv``
+  locally, concurrent ranged GETs on S3), so a reader fetches only the bytes it needs.
 * S3 calls are retried by botocore's standard (or adaptive) retry mode; every retry is counted by reason
   (:func:`retry_stats`) and logged with the url, never with credentials.
 """
@@ -18,6 +21,7 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from types import ModuleType
 from typing import BinaryIO
 
@@ -28,8 +32,8 @@ from tessera.storage.s3_client import MiB, StorageConfig, StorageError, configur
 
 __all__ = [
     "BACKENDS", "MiB", "StorageConfig", "StorageError", "atomic_write", "configure", "copy", "delete", "exists",
-    "is_s3", "join", "list_prefix", "local_path", "open_read", "read_bytes", "read_text", "retry_stats", "scheme",
-    "write_bytes", "write_text",
+    "is_s3", "join", "list_prefix", "local_path", "open_read", "read_bytes", "read_ranges", "read_text", "retry_stats",
+    "scheme", "write_buffers", "write_bytes", "write_text",
 ]
 
 BACKENDS: Registry[ModuleType] = Registry("storage backend")
@@ -98,6 +102,20 @@ def write_bytes(url: str | os.PathLike, data: bytes, *, create_only: bool = Fals
 def write_text(url: str | os.PathLike, text: str, *, create_only: bool = False) -> None:
     """Atomically write UTF-8 text."""
     write_bytes(url, text.encode("utf-8"), create_only=create_only)
+
+
+def write_buffers(url: str | os.PathLike, buffers: Sequence) -> None:
+    """Atomically write the concatenation of ``buffers`` (bytes-like) without joining them into one copy; on S3 the
+    parts of the multipart upload go up concurrently (``StorageConfig.transfer_workers``)."""
+    url = os.fspath(url)
+    _backend(url).write_buffers(url, [memoryview(b) for b in buffers])
+
+
+def read_ranges(url: str | os.PathLike, requests: Sequence[tuple[int, Sequence]]) -> None:
+    """For each ``(offset, views)``: fill the writable views, in order, from the bytes at ``offset`` onward;
+    on S3 one ranged GET per request, run concurrently."""
+    url = os.fspath(url)
+    _backend(url).read_ranges(url, [(int(off), [memoryview(v) for v in views]) for off, views in requests])
 
 
 def exists(url: str | os.PathLike) -> bool:

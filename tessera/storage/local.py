@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 TMP_MARK = ".tessera-tmp"  # temp files carry this suffix, so listings skip in-flight writes
 _COPY_BUFFER = 1024 * 1024
+_IOV_MAX = 1024  # buffers per preadv call (POSIX IOV_MAX on Linux)
 
 
 def local_path(url: str | os.PathLike) -> Path:
@@ -79,6 +80,33 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_buffers(url: str, buffers: Sequence[memoryview]) -> None:
+    """Atomically write the concatenation of ``buffers``, each written as it is (no joined copy)."""
+    with atomic_write(url, create_only=False) as f:
+        for b in buffers:
+            f.write(b)
+
+
+def read_ranges(url: str, requests: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+    """For each ``(offset, views)``: fill the views, in order, from the file's bytes at ``offset`` onward
+    (``preadv`` scatters one contiguous range into many tensors without an intermediate buffer)."""
+    fd = os.open(local_path(url), os.O_RDONLY)
+    try:
+        for offset, views in requests:
+            pending = [memoryview(v).cast("B") for v in views if memoryview(v).nbytes]
+            while pending:
+                n = os.preadv(fd, pending[:_IOV_MAX], offset)
+                if n == 0:
+                    raise EOFError(f"{url}: {sum(v.nbytes for v in pending)} bytes missing at offset {offset}")
+                offset += n
+                while pending and n >= pending[0].nbytes:  # drop the views filled, cut into a partly filled one
+                    n -= pending.pop(0).nbytes
+                if n:
+                    pending[0] = pending[0][n:]
+    finally:
+        os.close(fd)
 
 
 def exists(url: str) -> bool:

@@ -5,6 +5,9 @@
 * Every call goes through :func:`tessera.storage.s3_client.call`, so botocore retries it and the retries are
   counted. A GetObject body that breaks mid-read is ours to resume: botocore's retries end once the
   response headers have arrived, so the reader reopens at its offset with a Range request pinned to the ETag.
+* Large objects move in parallel (checkpoint shards): ``write_buffers`` uploads the parts of one multipart
+  upload from several threads, straight from the caller's buffers, and ``read_ranges`` fetches byte ranges
+  with concurrent ranged GETs into the caller's buffers (``StorageConfig.transfer_workers`` at once).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from tessera.storage.s3_client import MiB, call, client, count, current, split_url, translate
 
-__all__ = ["atomic_write", "client", "copy", "delete", "exists", "list_prefix", "open_read", "split_url"]
+__all__ = ["atomic_write", "client", "copy", "delete", "exists", "list_prefix", "open_read", "read_ranges", "split_url",
+           "write_buffers"]
 
 log = logging.getLogger("tessera.storage")
 _MAX_SINGLE_COPY = 5 * 1024 * MiB  # CopyObject's limit; larger objects are copied as ranged parts
@@ -86,6 +91,74 @@ class _Reader(io.RawIOBase):
 def open_read(url: str) -> BinaryIO:
     """Open an object for streaming binary reads (works with tarfile ``'r|*'``)."""
     return io.BufferedReader(_Reader(url), buffer_size=1 * MiB)  # type: ignore[return-value]
+
+
+def read_ranges(url: str, requests: Sequence[tuple[int, Sequence[memoryview]]]) -> None:
+    """For each ``(offset, views)``: one ranged GET filling the views in order; the GETs run concurrently."""
+    bucket, key = split_url(url)
+    etag: list[str] = []  # the first response's ETag pins every later range to the same object version
+
+    def fetch(offset: int, views: Sequence[memoryview]) -> None:
+        pending = [memoryview(v).cast("B") for v in views if memoryview(v).nbytes]
+        attempt = 0
+        while pending:
+            end = offset + sum(v.nbytes for v in pending) - 1
+            kw = {"IfMatch": etag[0]} if etag else {}
+            resp = call(url, "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{end}", **kw)
+            if not etag:
+                etag.append(resp["ETag"])
+            try:
+                offset = _fill(resp["Body"], pending, offset)
+            except _Broken as exc:  # the body broke after the headers: botocore is done, we resume at the offset
+                offset, attempt = exc.offset, attempt + 1
+                if attempt > current().max_retries:
+                    count("gave_up")
+                    raise translate(exc.__cause__ or exc, url, "read") from exc
+                count("connection")
+                log.warning("S3 ranged read %s: stream broke at byte %d, retry %d/%d", url, offset, attempt,
+                            current().max_retries)
+
+    _run_parallel([(fetch, off, views) for off, views in requests])
+
+
+class _Broken(OSError):
+    """A response body that broke (or ended early) at object offset ``offset``."""
+
+    def __init__(self, msg: str, offset: int):
+        super().__init__(msg)
+        self.offset = offset
+
+
+def _fill(body: Any, pending: list[memoryview], offset: int) -> int:
+    """Read ``body`` into the views, dropping each from ``pending`` once full; returns the offset reached."""
+    from botocore.exceptions import ConnectionError, HTTPClientError, ResponseStreamingError
+
+    try:
+        while pending:
+            v = pending[0]
+            data = body.read(min(v.nbytes, MiB))
+            if not data:
+                raise _Broken(f"body ended early at byte {offset}", offset)
+            v[: len(data)] = data
+            offset += len(data)
+            if len(data) == v.nbytes:
+                pending.pop(0)
+            else:
+                pending[0] = v[len(data):]
+    except (ConnectionError, HTTPClientError, ResponseStreamingError) as exc:
+        raise _Broken(str(exc), offset) from exc
+    finally:
+        body.close()
+    return offset
+
+
+def _run_parallel(tasks: list[tuple]) -> list:
+    """Run ``fn(*args)`` for each task on ``transfer_workers`` threads; the first error is raised after all end."""
+    if len(tasks) <= 1:
+        return [fn(*args) for fn, *args in tasks]
+    with ThreadPoolExecutor(max_workers=min(len(tasks), current().transfer_workers)) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in tasks]
+        return [f.result() for f in futures]
 
 
 # --------------------------------------------------------------------------- writes
@@ -174,6 +247,79 @@ def atomic_write(url: str, create_only: bool) -> Iterator[BinaryIO]:
         raise
     finally:
         writer.close()
+
+
+class _Views(io.RawIOBase):
+    """A seekable stream over a sequence of buffers: one request body without joining them into one copy
+    (botocore seeks it back to the start to retry, and to measure its length)."""
+
+    def __init__(self, views: Sequence[memoryview]):
+        self._views = [memoryview(v).cast("B") for v in views]
+        self._size, self._pos = sum(v.nbytes for v in self._views), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, min(self._size, pos + (0, self._pos, self._size)[whence]))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        out, n, skip = memoryview(b).cast("B"), 0, self._pos
+        for v in self._views:
+            if skip >= v.nbytes:
+                skip -= v.nbytes
+                continue
+            k = min(v.nbytes - skip, out.nbytes - n)
+            out[n: n + k] = v[skip: skip + k]
+            n, skip = n + k, 0
+            if n == out.nbytes:
+                break
+        self._pos += n
+        return n
+
+
+def _cut(views: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """The bytes ``[start, end)`` of the views' concatenation, as views (no copy)."""
+    out, pos = [], 0
+    for v in views:
+        lo, hi = max(start, pos), min(end, pos + v.nbytes)
+        if lo < hi:
+            out.append(v[lo - pos: hi - pos])
+        pos += v.nbytes
+    return out
+
+
+def write_buffers(url: str, buffers: Sequence[memoryview]) -> None:
+    """Publish the concatenation of ``buffers`` as one object: a PUT, or a multipart upload whose parts are sent
+    concurrently from the buffers themselves; CompleteMultipartUpload only after every part (aborted otherwise)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(v.nbytes for v in views)
+    w = _Writer(url, create_only=False)
+    if total < w._threshold:
+        call(url, "put_object", **w.obj, Body=_Views(views))
+        return
+    size = max(w.chunk, -(-total // 9_999))  # S3 allows 10,000 parts
+
+    def send(number: int, part: list[memoryview]) -> dict[str, Any]:
+        resp = call(url, "upload_part", **w.obj, UploadId=w.upload_id, PartNumber=number, Body=_Views(part))
+        return {"PartNumber": number, "ETag": resp["ETag"]}
+
+    w.upload_id = call(url, "create_multipart_upload", **w.obj)["UploadId"]
+    try:
+        w.parts = _run_parallel([(send, i + 1, _cut(views, lo, min(lo + size, total)))
+                                 for i, lo in enumerate(range(0, total, size))])
+        call(url, "complete_multipart_upload", **w.obj, UploadId=w.upload_id, MultipartUpload={"Parts": w.parts})
+        w.upload_id = None
+    except BaseException:
+        w.abort()
+        raise
 
 
 # --------------------------------------------------------------------------- objects and prefixes

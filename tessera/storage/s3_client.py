@@ -39,6 +39,9 @@ class StorageConfig:
     max_retries: int = 5  # retries after the first attempt (botocore's max_attempts)
     multipart_threshold_mb: int = 8  # objects of at least this size use a multipart upload
     multipart_chunk_mb: int = 8  # part size (S3 minimum: 5 MiB)
+    # Parts uploaded, or byte ranges fetched, at once for one object (write_buffers / read_ranges): one stream to
+    # S3 runs at ~100 MB/s, so a checkpoint shard of GBs needs several in flight.
+    transfer_workers: int = 8
 
     def __post_init__(self) -> None:
         if self.retry_mode not in ("standard", "adaptive"):
@@ -47,6 +50,8 @@ class StorageConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.multipart_threshold_mb < 1:
             raise ValueError(f"multipart_threshold_mb must be >= 1, got {self.multipart_threshold_mb}")
+        if self.transfer_workers < 1:
+            raise ValueError(f"transfer_workers must be >= 1, got {self.transfer_workers}")
         if self.multipart_chunk_mb * MiB < _MIN_PART:
             raise ValueError(f"multipart_chunk_mb must be >= 5 (S3's minimum part size), got {self.multipart_chunk_mb}")
 

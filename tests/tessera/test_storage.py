@@ -12,6 +12,7 @@ import pytest
 from tessera import storage
 from tessera.storage import MiB, StorageConfig, s3
 from tests.fixtures.s3 import seed_objects
+from tests.fixtures.s3_recorder import recorded_bucket, s3_recorder  # noqa: F401 (fixtures)
 
 
 class Boom(RuntimeError):
@@ -182,7 +183,72 @@ def test_urls() -> None:
         StorageConfig(retry_mode="legacy")  # type: ignore[arg-type]
 
 
+def test_buffers_written_as_one_object_and_byte_ranges_read_into_views(root: str) -> None:
+    """write_buffers joins its buffers (no joined copy needed); read_ranges scatters ranges into views."""
+    import numpy as np
+
+    head, body = b"HEAD" * 3, np.arange(5000, dtype=np.uint8)
+    url = storage.join(root, "sub", "obj.bin")
+    storage.write_buffers(url, [head, body])
+    data = head + body.tobytes()
+    assert storage.read_bytes(url) == data
+    a, b, c = bytearray(7), np.zeros(100, np.uint8), bytearray(3)
+    storage.read_ranges(url, [(10, [a]), (2000, [memoryview(b), c])])  # one range scattered into two buffers
+    assert bytes(a) == data[10:17] and b.tobytes() + bytes(c) == data[2000:2103]
+    with pytest.raises(Exception, match="obj.bin"):
+        storage.read_ranges(url, [(len(data) - 2, [bytearray(5)])])  # past the end: an error naming the object
+
+
 # --------------------------------------------------------------------------- S3 only
+
+
+@pytest.mark.s3
+def test_a_large_object_moves_as_concurrent_parts_and_ranged_gets(recorded_bucket, monkeypatch) -> None:
+    """Seen from the server: the parts of one upload overlap in time and CompleteMultipartUpload comes after every
+    part; four ranged reads fetch their bytes only, concurrently. A failing part aborts the upload."""
+    bucket_url, rec = recorded_bucket
+    storage.configure(StorageConfig(multipart_chunk_mb=5, transfer_workers=4))
+    body = os.urandom(24 * MiB)
+    url = storage.join(bucket_url, "shard.bin")
+    storage.write_buffers(url, [b"hdr", memoryview(body)])
+    assert storage.read_bytes(url) == b"hdr" + body
+    reqs = rec.requests(s3.split_url(bucket_url)[0], "shard.bin")
+    parts = [r for r in reqs if r.method == "PUT" and "partNumber" in r.query]
+    done = [r for r in reqs if r.method == "POST" and "uploadId" in r.query]
+    assert len(parts) == 5 and sum(p.bytes_in for p in parts) == 24 * MiB + 3 and len(done) == 1
+    assert done[0].start > max(p.end for p in parts)
+    assert _max_overlap(parts) >= 2, "the parts went up one at a time"
+    before = len(rec.log)
+    views = [bytearray(3 * MiB) for _ in range(4)]
+    storage.read_ranges(url, [(1 + i * 6 * MiB, [v]) for i, v in enumerate(views)])
+    assert all(bytes(v) == (b"hdr" + body)[1 + i * 6 * MiB: 1 + i * 6 * MiB + 3 * MiB] for i, v in enumerate(views))
+    gets = [r for r in rec.log[before:] if r.method == "GET" and r.key == "shard.bin"]
+    assert len(gets) == 4 and all(g.range for g in gets) and sum(g.bytes_out for g in gets) == 12 * MiB
+    assert _max_overlap(gets) >= 2, "the ranged GETs ran one at a time"
+
+    real = s3.call
+
+    def flaky(u, op, **kw):
+        if op == "upload_part" and kw["PartNumber"] == 3:
+            raise storage.StorageError(f"S3 upload_part failed (injected): {u}")
+        return real(u, op, **kw)
+
+    monkeypatch.setattr(s3, "call", flaky)
+    broken = storage.join(bucket_url, "broken.bin")
+    with pytest.raises(OSError, match="broken.bin"):
+        storage.write_buffers(broken, [memoryview(body)])
+    bucket, _ = _bucket_key(broken)
+    assert not storage.exists(broken) and "Uploads" not in s3.client().list_multipart_uploads(Bucket=bucket)
+
+
+def _max_overlap(reqs) -> int:
+    """Most requests in flight at one moment, from the server's start and end times."""
+    edges = sorted([(r.start, 1) for r in reqs] + [(r.end, -1) for r in reqs], key=lambda e: (e[0], e[1]))
+    depth = best = 0
+    for _, d in edges:
+        depth += d
+        best = max(best, depth)
+    return best
 
 
 @pytest.mark.s3

@@ -100,16 +100,23 @@ def ckpt_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:09d}"
 
 
-def same_files(a: Path, b: Path, names=("model.safetensors", "ema.safetensors", "optimizer.safetensors")) -> None:
-    """Assert two checkpoints hold equal tensors (torch.equal) in each of ``names``."""
-    import torch
-    from safetensors.torch import load_file
+def ckpt_tensors(ckpt: Path, kind: str = "weight") -> dict:
+    """Full tensors of one kind (weight, exp_avg, exp_avg_sq, ema) of a sharded checkpoint, consolidated offline."""
+    from tessera.trainer import checkpoint as C
+    from tessera.trainer.shards import ShardIndex
 
-    for name in names:
-        x, y = load_file(Path(a) / name), load_file(Path(b) / name)
-        assert x.keys() == y.keys(), name
+    return ShardIndex(str(ckpt), C.read_json(f"{ckpt}/index.json")).full(kind)
+
+
+def same_files(a: Path, b: Path, kinds=("weight", "ema", "exp_avg", "exp_avg_sq")) -> None:
+    """Assert two checkpoints hold equal tensors (torch.equal) of each kind, whatever world size wrote them."""
+    import torch
+
+    for kind in kinds:
+        x, y = ckpt_tensors(a, kind), ckpt_tensors(b, kind)
+        assert x.keys() == y.keys(), kind
         bad = [k for k in x if not torch.equal(x[k], y[k])]
-        assert not bad, f"{name} differs in {bad[:5]}"
+        assert not bad, f"{kind} differs in {bad[:5]}"
 
 
 def start(cmd: list[str], **env_extra) -> subprocess.Popen:
