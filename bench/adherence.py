@@ -57,17 +57,15 @@ def write_sidecar(folder: Path, name: str, img, caption: str, label: str) -> Non
 
 def write_digits(folder: Path, size: int = 32) -> int:
     """scikit-learn's 1,797 8x8 digits as black ink on white, upscaled (bicubic) to ``size``."""
-    import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from tests.finetune.digits import digit_images
 
     folder.mkdir(parents=True, exist_ok=True)
-    d = load_digits()
-    for i, (arr, y) in enumerate(zip(d.images, d.target)):
-        grey = (255 - arr * (255 / 16)).clip(0, 255).astype(np.uint8)  # 0 = paper, 16 = full ink
-        img = Image.fromarray(grey).resize((size, size), Image.BICUBIC).convert("RGB")
-        write_sidecar(folder, f"{i:05d}", img, SETS["digits"].format(label=int(y)), str(int(y)))
-    return len(d.images)
+    keys, images, labels = digit_images(size)
+    for key, arr, y in zip(keys, images, labels):
+        write_sidecar(folder, key, Image.fromarray(arr), SETS["digits"].format(label=int(y)), str(int(y)))
+    return len(keys)
 
 
 def flag_view(flag, rng: random.Random, size: int = 32):
@@ -114,7 +112,7 @@ def ingest_folder(folder: Path, out: Path) -> dict:
     from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 
     cfg = from_dict(IngestConfig, {
-        "sources": [{"kind": "folder", "path": str(folder)}], "output": str(out), "executor": "local",
+        "sources": [{"name": "folder", "path": str(folder)}], "output": str(out), "executor": "local",
         "samples_per_shard": 1024, "dedup": {"exact": False, "near": False},
         "process": {"min_side": 8, "image_format": "png", "buckets": {"base_resolution": 32, "multiple": 16}}})
     return run_ingest(cfg)

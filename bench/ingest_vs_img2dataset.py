@@ -69,7 +69,7 @@ def run_tessera(urls: Path, out: Path, args: argparse.Namespace) -> tuple[float,
     ensure_ray(RayConfig(**ray_cfg))
     startup = time.perf_counter() - t0
     cfg = from_dict(IngestConfig, {
-        "sources": [{"kind": "urls", "path": str(urls), "threads": args.threads, "timeout_s": 10, "retries": 0}],
+        "sources": [{"name": "urls", "path": str(urls), "urls": {"threads": args.threads, "timeout_s": 10, "retries": 0}}],
         "output": str(out), "samples_per_shard": args.samples_per_shard, "executor": "ray", "ray": ray_cfg,
         "process": {"min_side": 1, "max_aspect": 100.0, "quality": 90, "resample": "area",
                     "buckets": {"base_resolution": args.image_size, "multiple": 32}},

@@ -44,7 +44,7 @@ def build_inputs(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
     data = root / "images"
     emoji = min(args.images, 3900)  # every emoji glyph, then openclipart's PNGs for the rest
-    sources = [{"kind": "emoji", "limit": emoji}] + ([{"kind": "openclipart", "limit": args.images - emoji}]
+    sources = [{"name": "emoji", "limit": emoji}] + ([{"name": "openclipart", "limit": args.images - emoji}]
                                                       if args.images > emoji else [])
     run_ingest(from_dict(IngestConfig, {
         "sources": sources, "output": str(data), "samples_per_shard": args.shard,

@@ -43,10 +43,10 @@ print(json.dumps({"rows": len(rows), "peak_mib": peak}))
 # This source's whole partition: its rows (row groups, columns) and their downloads.
 _OURS = """
 import json, sys
-from tessera.data_pipeline.sources import Partition, SourceConfig
+from tessera.data_pipeline.sources import Partition, SourceConfig, UrlsSourceConfig
 from tessera.data_pipeline.sources.urls import UrlsSource
 path, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-src = UrlsSource(SourceConfig(kind="urls", path=path, threads=16))
+src = UrlsSource(SourceConfig(name="urls", path=path, urls=UrlsSourceConfig(threads=16)))
 part = Partition("urls", 0, {"file": path, "rel": "t.parquet", "start": start, "end": end})
 n = bad = 0
 for s in src.read(part):
@@ -99,7 +99,7 @@ def compare(report: Report, path: str, rows: int, per_part: int, repeats: int) -
     from tessera.data_pipeline.sources import SourceConfig
     from tessera.data_pipeline.sources.urls import Table, UrlsSource
 
-    cfg, start = SourceConfig(kind="urls", path=path), rows // 2
+    cfg, start = SourceConfig(name="urls", path=path), rows // 2
     end, peer = start + per_part, "whole table as dicts"
 
     def whole() -> list:
@@ -111,7 +111,7 @@ def compare(report: Report, path: str, rows: int, per_part: int, repeats: int) -
     report.compare(Comparison(name=f"read the table rows of one partition ({per_part} rows)", metric="s",
                               higher_is_better=False, peer=peer),
                    _timed(lambda: {"rows": len(whole()[start:end])}),
-                   _timed(lambda: {"rows": sum(1 for _ in Table(path, "parquet", cfg).rows(start, end))}),
+                   _timed(lambda: {"rows": sum(1 for _ in Table(path, "parquet", cfg.section()).rows(start, end))}),
                    repeats=repeats)
     report.compare(Comparison(name="peak RSS of a process reading one partition (rows and downloads for ours)",
                               metric="MiB", higher_is_better=False, peer=peer),

@@ -183,6 +183,9 @@ def _unknown_key(cls: type, key: str, prefix: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     full = f"{prefix}{key}"
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f" (valid keys: {', '.join(names)})"
+    moved = getattr(cls, "moved_key", None)  # a class that renamed or moved keys says where they went
+    if callable(moved) and moved(key):
+        hint = f": {moved(key)}"
     return ConfigError(f"{source}: unknown key '{full}' in {cls.__name__}{hint}")
 
 

@@ -72,8 +72,8 @@ class EmojiSource:
 
     def __init__(self, cfg: SourceConfig) -> None:
         require_debian_path(cfg.path, "fonts-noto-color-emoji")
-        self.cfg = cfg
-        self.items = emoji_list(cfg.emoji_set == "single_codepoint")
+        self.cfg, self.opts = cfg, cfg.section()
+        self.items = emoji_list(self.opts.set == "single_codepoint")
         if cfg.limit is not None:
             self.items = self.items[: cfg.limit]
 
@@ -83,12 +83,12 @@ class EmojiSource:
 
     def read(self, part: Partition) -> Iterator[RawSample]:
         """Render each emoji of the range (glyph_missing when the font lacks it)."""
-        bg = tuple(self.cfg.background)
+        bg = tuple(self.opts.background)
         for e in self.items[part.payload["start"] : part.payload["end"]]:
             sid = f"emoji:{emoji_id(e)}"
             caption, name = emoji_caption(e)
             meta = {"path": f"{self.cfg.path}#{emoji_id(e)}", "emoji": e, "captions": {"name": name}}
-            data = render(e, self.cfg.path, self.cfg.emoji_canvas, bg)  # type: ignore[arg-type]
+            data = render(e, self.cfg.path, self.opts.canvas, bg)  # type: ignore[arg-type]
             if data is None:
                 yield RawSample("emoji", sid, None, caption, meta, "glyph_missing", f"{name} not in font")
             else:

@@ -30,7 +30,7 @@ class FolderSource:
     """Image files under a directory, captioned by sidecars or a captions CSV."""
 
     def __init__(self, cfg: SourceConfig) -> None:
-        self.cfg = cfg
+        self.cfg, self.captions_csv = cfg, cfg.section().captions_csv
         self._csv: dict[str, str] | None = None
 
     def listing(self) -> list[list]:
@@ -60,10 +60,10 @@ class FolderSource:
 
     def _captions_csv(self) -> dict[str, str]:
         if self._csv is None:
-            text = storage.read_text(self.cfg.captions_csv)  # type: ignore[arg-type]
+            text = storage.read_text(self.captions_csv)  # type: ignore[arg-type]
             reader = csv.DictReader(io.StringIO(text))
             if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                raise ValueError(f"{self.cfg.captions_csv}: needs columns 'file' and 'caption'")
+                raise ValueError(f"{self.captions_csv}: needs columns 'file' and 'caption'")
             self._csv = {row["file"]: row["caption"] for row in reader}
         return self._csv
 
@@ -76,7 +76,7 @@ class FolderSource:
             try:
                 data = storage.read_bytes(url)
                 caption: bytes | str | None = None
-                if self.cfg.captions_csv:
+                if self.captions_csv:
                     caption = self._captions_csv().get(rel)
                 if js is not None:
                     fields = json.loads(storage.read_bytes(storage.join(self.cfg.path, js)))
@@ -85,7 +85,7 @@ class FolderSource:
                     caption = caption if caption is not None else fields.pop("caption", None)
                     fields.pop("caption", None)
                     meta.update({k: v for k, v in fields.items() if k not in ("path", "url")})
-                if txt is not None and not self.cfg.captions_csv:
+                if txt is not None and not self.captions_csv:
                     caption = storage.read_bytes(storage.join(self.cfg.path, txt))  # bytes: decoded later
             except (OSError, ValueError) as e:
                 yield RawSample("folder", sid, None, None, meta, "read_error", f"{type(e).__name__}: {e}")

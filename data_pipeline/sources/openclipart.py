@@ -85,7 +85,7 @@ class OpenclipartSource:
 
     def listing(self) -> list[str]:
         """Sorted relative paths of the PNGs, filtered by ``categories`` and cut to ``limit``."""
-        root, cats = self.cfg.path, self.cfg.categories
+        root, cats = self.cfg.path, self.cfg.section().categories
         found = []
         for dirpath, dirnames, files in os.walk(root):
             dirnames.sort()

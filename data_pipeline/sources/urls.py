@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from tessera import storage
 from tessera.data_pipeline.sample import RawSample
-from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig
+from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig, UrlsSourceConfig
 from tessera.data_pipeline.sources.http import Downloader
 
 _EXT_FORMAT = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".csv": "csv", ".tsv": "tsv",
@@ -132,7 +132,7 @@ def iter_json_array(f: BinaryIO, name: str) -> Iterator[object]:
 class Table:
     """One table file: its row count, and its rows [start, end) with the needed columns (None: a bad JSON row)."""
 
-    def __init__(self, url: str, fmt: str, cfg: SourceConfig) -> None:
+    def __init__(self, url: str, fmt: str, cfg: UrlsSourceConfig) -> None:
         self.url, self.fmt, self.gz = url, fmt.removesuffix(".gz"), fmt.endswith(".gz")
         self.url_col, self.caption_col = cfg.url_col, cfg.caption_col
         extra = cfg.extra_cols
@@ -246,8 +246,8 @@ class UrlsSource:
     """Rows of url tables, downloaded over HTTP (or read from local paths / s3:// urls)."""
 
     def __init__(self, cfg: SourceConfig) -> None:
-        self.cfg = cfg
-        self.downloader = Downloader(cfg)
+        self.cfg, self.opts = cfg, cfg.section()
+        self.downloader = Downloader(self.opts)
 
     def files(self) -> list[str]:
         """The table files, sorted: the path itself, or the tables under it."""
@@ -257,7 +257,7 @@ class UrlsSource:
         found = []
         for u in storage.list_prefix(path):
             try:
-                table_format(u, self.cfg.format if self.cfg.format != "auto" else "auto")
+                table_format(u, self.opts.format)
             except ValueError:
                 continue  # not a table (a README, a _SUCCESS marker)
             found.append(u)
@@ -266,7 +266,7 @@ class UrlsSource:
         return found
 
     def _table(self, url: str) -> Table:
-        return Table(url, table_format(url, self.cfg.format), self.cfg)
+        return Table(url, table_format(url, self.opts.format), self.opts)
 
     def partitions(self, samples_per_partition: int) -> list[Partition]:
         """Row ranges of each file, in file order, truncated to ``limit`` rows in total (rows counted, not loaded)."""
@@ -303,15 +303,15 @@ class UrlsSource:
                 yield RawSample("urls", sid, None, None, meta, error="missing_url")
                 continue
             _, res = next(fetched)
-            yield RawSample("urls", sid, res.data, row.get(self.cfg.caption_col), meta, res.error, res.detail)
+            yield RawSample("urls", sid, res.data, row.get(self.opts.caption_col), meta, res.error, res.detail)
 
     def _url(self, row: dict | None) -> str:
-        value = None if row is None else row.get(self.cfg.url_col)
+        value = None if row is None else row.get(self.opts.url_col)
         return value.strip() if isinstance(value, str) else ""
 
     def _extra(self, row: dict) -> dict:
-        skip = {self.cfg.url_col, self.cfg.caption_col}
-        keep = self.cfg.extra_cols
+        skip = {self.opts.url_col, self.opts.caption_col}
+        keep = self.opts.extra_cols
         return {k: v for k, v in row.items() if k not in skip and (keep is None or k in keep)}
 
 

@@ -102,7 +102,7 @@ def test_submit_writes_valid_manifests_without_secrets_and_records_them(tmp_path
     state = tmp_path / "jobs"
     env = dict(os.environ, **CANARIES)
     cfg = tmp_path / "ingest.yaml"
-    cfg.write_text("sources: [{kind: emoji, limit: 4}]\noutput: /data/emoji\nexecutor: ray\n")
+    cfg.write_text("sources: [{name: emoji, limit: 4}]\noutput: /data/emoji\nexecutor: ray\n")
     job = submit("data", "ingest", "--config", str(cfg), "--backend", "k8s", "--nodes", "2",
                  *cluster_overrides(state, **{"k8s.image": "registry.example.com/tessera:1", "k8s.apply": "never"}),
                  env=env)
@@ -200,7 +200,7 @@ def test_with_kubectl_on_path_a_job_is_applied_followed_and_deleted(tmp_path):
 
     # A data stage is a RayJob, read from its job status.
     cfg = tmp_path / "ingest.yaml"
-    cfg.write_text("sources: [{kind: emoji, limit: 4}]\noutput: /data/emoji\nexecutor: ray\n")
+    cfg.write_text("sources: [{name: emoji, limit: 4}]\noutput: /data/emoji\nexecutor: ray\n")
     data = submit("data", "ingest", "--config", str(cfg), "--backend", "k8s", *cl, env=env)
     status.write_text(json.dumps({"status": {"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}}))
     assert tessera("jobs", "status", "--state-dir", str(state), data, env=env).returncode == 0

@@ -21,7 +21,7 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 def _ingest_config(tmp_path, limit: int, executor: str = "ray"):
     cfg = tmp_path / f"ingest-{limit}.yaml"
-    cfg.write_text(f"sources: [{{kind: emoji, limit: {limit}}}]\noutput: {tmp_path / f'out-{limit}'}\n"
+    cfg.write_text(f"sources: [{{name: emoji, limit: {limit}}}]\noutput: {tmp_path / f'out-{limit}'}\n"
                    f"samples_per_shard: 8\nexecutor: {executor}\n"
                    "process: {min_side: 32, image_format: png, buckets: {base_resolution: 32, multiple: 16}}\n")
     return cfg

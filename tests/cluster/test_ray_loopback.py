@@ -20,7 +20,7 @@ def test_an_embedded_ray_ingest_listens_on_loopback_only(tmp_path):
     """Sample the listening sockets of every process of a running ``executor: ray`` ingest (the case that bound
     ``*`` and ``0.0.0.0`` before) until it ends."""
     cfg = tmp_path / "ingest.yaml"
-    cfg.write_text(f"sources: [{{kind: emoji, limit: 48}}]\noutput: {tmp_path / 'out'}\nsamples_per_shard: 8\n"
+    cfg.write_text(f"sources: [{{name: emoji, limit: 48}}]\noutput: {tmp_path / 'out'}\nsamples_per_shard: 8\n"
                    "executor: ray\nray: {num_cpus: 2, object_store_memory_mb: 100}\n"
                    "process: {min_side: 32, image_format: png, buckets: {base_resolution: 32, multiple: 16}}\n")
     env = dict(os.environ, TESSERA_NO_PROGRESS="1")

@@ -211,7 +211,7 @@ def test_cancel_stops_a_running_job_for_good(slurm, tiny, tmp_path):
 def test_a_data_stage_fans_out_as_a_job_array(slurm, tmp_path):
     state, out = tmp_path / "jobs", tmp_path / "out"
     cfg = tmp_path / "ingest.yaml"
-    cfg.write_text(f"sources: [{{kind: emoji, limit: 12}}]\noutput: {out}/all\nsamples_per_shard: 8\nexecutor: local\n"
+    cfg.write_text(f"sources: [{{name: emoji, limit: 12}}]\noutput: {out}/all\nsamples_per_shard: 8\nexecutor: local\n"
                    "process: {min_side: 32, image_format: png, buckets: {base_resolution: 32, multiple: 16}}\n")
     job = submit("data", "ingest", "--config", str(cfg), "--array", "2",
                  *cluster_overrides(state, **{"slurm.array_overrides": f"['output={out}/part{{index}}-of-{{count}}']"}))

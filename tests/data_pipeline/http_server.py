@@ -7,6 +7,7 @@
         srv.add("/loop", redirect="/loop")                         # redirect loop
         srv.add("/x.jpg", body, headers={"X-Robots-Tag": "noai"})  # opt-out header
         srv.add("/flaky", body, fail_first=2)                      # 503 twice, then 200
+        srv.add("/busy", body, fail_first=1, fail_headers={"Retry-After": "1"})
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Route:
     delay_s: float = 0.0
     redirect: str | None = None
     fail_first: int = 0  # answer 503 this many times before behaving normally
+    fail_headers: dict[str, str] = field(default_factory=dict)  # sent with those 503s (e.g. Retry-After)
 
 
 class FixtureHTTPServer:
@@ -90,7 +92,7 @@ class FixtureHTTPServer:
                 if route.delay_s:
                     time.sleep(route.delay_s)
                 if n <= route.fail_first:
-                    return self._send(503, b"busy", {})
+                    return self._send(503, b"busy", route.fail_headers)
                 if route.redirect is not None:
                     return self._send(302, b"", {"Location": srv.url(route.redirect)})
                 self._send(route.status, route.body, route.headers)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from tessera.data_pipeline.process import ProcessConfig, SampleProcessor
 from tessera.data_pipeline.sample import Processed, Rejected
-from tessera.data_pipeline.sources import SourceConfig, build_source
+from tessera.data_pipeline.sources import SourceConfig, UrlsSourceConfig, build_source
 from tests.data_pipeline.conftest import image_bytes
 
 # kind -> (expected status, expected reject reason or None). Checks on written samples are below.
@@ -139,8 +139,9 @@ def test_bad_input_corpus(http_server, tmp_path: Path) -> None:
 
     raws = []
     for cfg in (
-        SourceConfig(kind="folder", path=str(folder)),
-        SourceConfig(kind="urls", path=str(table), timeout_s=0.5, retries=1, backoff_s=0.01, threads=8),
+        SourceConfig(name="folder", path=str(folder)),
+        SourceConfig(name="urls", path=str(table),
+                     urls=UrlsSourceConfig(timeout_s=0.5, retries=1, backoff_s=0.01, threads=8)),
     ):
         src = build_source(cfg)
         raws += [r for p in src.partitions(5) for r in src.read(p)]

@@ -92,7 +92,7 @@ def make_folder(root: Path) -> dict[str, str | None]:
 def make_config(src: Path | str, out: Path | str, **kw) -> IngestConfig:
     """A small local-executor ingest config for the folder dataset."""
     data = {
-        "sources": [{"kind": "folder", "path": str(src)}],
+        "sources": [{"name": "folder", "path": str(src)}],
         "output": str(out),
         "samples_per_shard": PER_SHARD,
         "executor": "local",

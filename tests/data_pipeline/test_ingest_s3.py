@@ -57,7 +57,7 @@ def test_s3_in_s3_out_inspect_verify_and_corruption(s3_input, s3_server, capsys)
     bucket, n_in = s3_input
     out = f"{bucket}/datasets/ds"
     cfg = from_dict(IngestConfig, {
-        "sources": [{"kind": "webdataset", "path": f"{bucket}/input"}], "output": out, "executor": "local",
+        "sources": [{"name": "webdataset", "path": f"{bucket}/input"}], "output": out, "executor": "local",
         "process": {"min_side": 64, "buckets": {"base_resolution": 64, "multiple": 16}},
         "storage": {"endpoint_url": s3_server},
     }, "test")  # fmt: skip

@@ -21,7 +21,7 @@ def dataset(tmp_path_factory) -> Path:
     """30 emoji in 2 shards, ingested with the local executor."""
     out = tmp_path_factory.mktemp("iv") / "emoji"
     cfg = from_dict(IngestConfig, {
-        "sources": [{"kind": "emoji", "limit": 30}], "output": str(out), "samples_per_shard": 16,
+        "sources": [{"name": "emoji", "limit": 30}], "output": str(out), "samples_per_shard": 16,
         "executor": "local", "process": {"buckets": {"base_resolution": 64, "multiple": 16}},
     }, "test")  # fmt: skip
     run_ingest(cfg)

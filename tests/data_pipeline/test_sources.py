@@ -16,11 +16,14 @@ import pytest
 
 from tessera.data_pipeline.process import ProcessConfig, SampleProcessor
 from tessera.data_pipeline.sample import Processed
-from tessera.data_pipeline.sources import SOURCES, Partition, SourceConfig, build_source
+from tessera.data_pipeline.sources import (SOURCES, FolderSourceConfig, OpenclipartSourceConfig, Partition,
+                                           SourceConfig, UrlsSourceConfig, build_source)
 from tessera.data_pipeline.sources.emoji_src import emoji_id, emoji_list
 from tessera.data_pipeline.sources.http import opted_out
 from tessera.data_pipeline.sources.openclipart import clean_title, openclipart_caption
 from tessera.config import ConfigError, from_dict
+from tessera.registry import RegistryError
+from tessera.data_pipeline.ingest import IngestConfig
 from tests.data_pipeline.conftest import image_bytes
 
 
@@ -70,8 +73,8 @@ def test_urls_source_formats(http_server, tmp_path: Path, ext: str) -> None:
     rows = _rows(http_server)
     table = tmp_path / f"part0.{ext}"
     _write_table(rows, table)
-    cfg = SourceConfig(kind="urls", path=str(table), url_col="URL", caption_col="TEXT", threads=4,
-                       user_agent="tessera-test/1.0")  # fmt: skip
+    cfg = SourceConfig(name="urls", path=str(table), urls=UrlsSourceConfig(url_col="URL", caption_col="TEXT", threads=4,
+                                                                           user_agent="tessera-test/1.0"))
     parts, samples = read_all(cfg)
     assert [p.payload["start"] for p in parts] == [0, 2, 4] and [p.index for p in parts] == [0, 1, 2]
     assert [s.source_id for s in samples] == [f"urls:part0.{ext}:{i}" for i in range(5)]  # input order
@@ -81,8 +84,8 @@ def test_urls_source_formats(http_server, tmp_path: Path, ext: str) -> None:
         assert s.meta == {"url": rows[i]["URL"], "width": 200 + 10 * i, "license": "cc0"}
     assert set(http_server.user_agents) == {"tessera-test/1.0"}
     # extra_cols limits the kept columns; limit truncates the input
-    cfg2 = SourceConfig(kind="urls", path=str(table), url_col="URL", caption_col="TEXT", extra_cols=["license"],
-                        limit=3)  # fmt: skip
+    cfg2 = SourceConfig(name="urls", path=str(table), limit=3,
+                        urls=UrlsSourceConfig(url_col="URL", caption_col="TEXT", extra_cols=["license"]))
     parts2, samples2 = read_all(cfg2, per_part=10)
     assert len(parts2) == 1 and len(samples2) == 3 and samples2[0].meta == {"url": rows[0]["URL"], "license": "cc0"}
 
@@ -90,15 +93,15 @@ def test_urls_source_formats(http_server, tmp_path: Path, ext: str) -> None:
 def test_urls_txt_is_one_url_per_line_and_json_is_an_array(http_server, tmp_path: Path) -> None:
     urls = [http_server.add(f"/t{i}.jpg", image_bytes(seed=i)) for i in range(3)]
     (tmp_path / "list.txt").write_text("\n".join(urls) + "\n")
-    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path / "list.txt")), per_part=2)
+    _, samples = read_all(SourceConfig(name="urls", path=str(tmp_path / "list.txt")), per_part=2)
     assert [(s.source_id, s.error, s.caption) for s in samples] == [(f"urls:list.txt:{i}", None, None)
                                                                     for i in range(3)]
     assert [s.meta["url"] for s in samples] == urls
     (tmp_path / "lines.json").write_text("".join(json.dumps({"url": u, "caption": "c"}) + "\n" for u in urls))
     with pytest.raises(ValueError, match="lines.json: a .json table must be one JSON array"):
-        build_source(SourceConfig(kind="urls", path=str(tmp_path / "lines.json"))).partitions(10)
+        build_source(SourceConfig(name="urls", path=str(tmp_path / "lines.json"))).partitions(10)
     (tmp_path / "arr.json").write_text(json.dumps([{"url": urls[0], "caption": "c"}, 7, {"url": urls[1]}]))
-    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path / "arr.json")), per_part=10)
+    _, samples = read_all(SourceConfig(name="urls", path=str(tmp_path / "arr.json")), per_part=10)
     assert [s.error for s in samples] == [None, "bad_row", None]
 
 
@@ -106,7 +109,7 @@ def test_urls_directory_of_tables_and_bad_rows(http_server, tmp_path: Path) -> N
     good = http_server.add("/ok.png", image_bytes(fmt="PNG"))
     (tmp_path / "a.jsonl").write_text(json.dumps({"url": good, "caption": "x"}) + "\n{not json\n\n[1]\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"url": "", "caption": "no url"}) + "\n")
-    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path)), per_part=100)
+    _, samples = read_all(SourceConfig(name="urls", path=str(tmp_path)), per_part=100)
     assert [(s.source_id, s.error) for s in samples] == [
         ("urls:a.jsonl:0", None), ("urls:a.jsonl:1", "bad_row"), ("urls:a.jsonl:2", "bad_row"),
         ("urls:b.jsonl:0", "missing_url"),
@@ -116,17 +119,18 @@ def test_urls_directory_of_tables_and_bad_rows(http_server, tmp_path: Path) -> N
 def test_urls_missing_column_is_clear(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("link,caption\nhttp://x,y\n")
     with pytest.raises(ValueError, match="no column 'url'"):
-        build_source(SourceConfig(kind="urls", path=str(tmp_path / "t.csv"))).partitions(10)
+        build_source(SourceConfig(name="urls", path=str(tmp_path / "t.csv"))).partitions(10)
 
 
 def test_http_retries_then_succeeds(http_server, tmp_path: Path) -> None:
     url = http_server.add("/flaky.jpg", image_bytes(), fail_first=2)
     _write_table([{"url": url, "caption": "c"}], tmp_path / "t.parquet")
-    cfg = SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"), retries=2, backoff_s=0.01)
+    cfg = SourceConfig(name="urls", path=str(tmp_path / "t.parquet"), urls=UrlsSourceConfig(retries=2, backoff_s=0.01))
     _, samples = read_all(cfg)
     assert samples[0].error is None and http_server.hits["/flaky.jpg"] == 3
     http_server.hits.clear()
-    _, samples = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"), retries=1, backoff_s=0.01))
+    _, samples = read_all(SourceConfig(name="urls", path=str(tmp_path / "t.parquet"),
+                                       urls=UrlsSourceConfig(retries=1, backoff_s=0.01)))
     assert samples[0].error == "http_503" and http_server.hits["/flaky.jpg"] == 2
 
 
@@ -146,12 +150,13 @@ def test_optout_headers_reject_by_default_and_by_configured_directives(http_serv
             {"url": http_server.add("/b.jpg", img, headers={"X-Robots-Tag": "tessera: nosnippet"}), "caption": "b"},
             {"url": http_server.add("/c.jpg", img, headers={"X-Robots-Tag": "otherbot: noai"}), "caption": "c"}]
     _write_table(rows, tmp_path / "t.parquet")
-    _, plain = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet")), per_part=10)
+    _, plain = read_all(SourceConfig(name="urls", path=str(tmp_path / "t.parquet")), per_part=10)
     assert [s.error for s in plain] == ["opt_out", None, None]
-    _, extra = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"),
-                                     extra_optout_directives=["nosnippet"]), per_part=10)
+    _, extra = read_all(SourceConfig(name="urls", path=str(tmp_path / "t.parquet"),
+                                     urls=UrlsSourceConfig(extra_optout_directives=["nosnippet"])), per_part=10)
     assert [s.error for s in extra] == ["opt_out", "opt_out", None]
-    _, off = read_all(SourceConfig(kind="urls", path=str(tmp_path / "t.parquet"), respect_optout=False), per_part=10)
+    _, off = read_all(SourceConfig(name="urls", path=str(tmp_path / "t.parquet"),
+                                   urls=UrlsSourceConfig(respect_optout=False)), per_part=10)
     assert [s.error for s in off] == [None, None, None]
 
 
@@ -163,7 +168,7 @@ def test_folder_source_sidecars(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps({"caption": "caption a", "author": "me", "captions": {"long": "L"}}))
     (tmp_path / "sub" / "c.webp").write_bytes(image_bytes(fmt="WEBP", seed=3))
     (tmp_path / "notes.md").write_text("ignored")
-    parts, samples = read_all(SourceConfig(kind="folder", path=str(tmp_path)), per_part=2)
+    parts, samples = read_all(SourceConfig(name="folder", path=str(tmp_path)), per_part=2)
     assert len(parts) == 2
     assert [s.source_id for s in samples] == ["folder:a.png", "folder:b.jpg", "folder:sub/c.webp"]
     a, b, c = samples
@@ -180,7 +185,8 @@ def test_folder_source_captions_csv(tmp_path: Path) -> None:
     for n in ("x.jpg", "y.jpg"):
         (img_dir / n).write_bytes(image_bytes())
     (tmp_path / "caps.csv").write_text("file,caption\nx.jpg,the x\ny.jpg,\"the y, quoted\"\n")
-    _, samples = read_all(SourceConfig(kind="folder", path=str(img_dir), captions_csv=str(tmp_path / "caps.csv")))
+    _, samples = read_all(SourceConfig(name="folder", path=str(img_dir),
+                                       folder=FolderSourceConfig(captions_csv=str(tmp_path / "caps.csv"))))
     assert [s.caption for s in samples] == ["the x", "the y, quoted"]
 
 
@@ -202,7 +208,7 @@ def test_webdataset_source(tmp_path: Path) -> None:
         ("k3.pyd", b"cos\nsystem\n(S'echo pwned'\ntR."),  # a pickle: must never be loaded
     ])  # fmt: skip
     _tar(tmp_path / "00001.tar", [("dir/k4.webp", image_bytes(fmt="WEBP")), ("dir/k4.txt", b"four")])
-    parts, samples = read_all(SourceConfig(kind="webdataset", path=str(tmp_path)))
+    parts, samples = read_all(SourceConfig(name="webdataset", path=str(tmp_path)))
     assert [p.payload["rel"] for p in parts] == ["00000.tar", "00001.tar"]
     by_id = {s.source_id: s for s in samples}
     assert list(by_id) == ["webdataset:00000.tar:k1", "webdataset:00000.tar:k2", "webdataset:00000.tar:k3",
@@ -219,23 +225,23 @@ def test_webdataset_truncated_tar_is_counted(tmp_path: Path) -> None:
     _tar(tmp_path / "a.tar", [("k1.jpg", image_bytes()), ("k1.txt", b"one"), ("k2.jpg", image_bytes(seed=9))])
     blob = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "a.tar").write_bytes(blob[: len(blob) // 2])
-    _, samples = read_all(SourceConfig(kind="webdataset", path=str(tmp_path / "a.tar")))
+    _, samples = read_all(SourceConfig(name="webdataset", path=str(tmp_path / "a.tar")))
     assert samples[-1].error == "read_error"
 
 
 def test_webdataset_members_outside_any_sample_are_logged_not_inputs(tmp_path: Path, caplog) -> None:
     _tar(tmp_path / "a.tar", [("README", b"about"), ("k1.jpg", image_bytes()), ("k1.txt", b"one")])
-    _, samples = read_all(SourceConfig(kind="webdataset", path=str(tmp_path / "a.tar")))
+    _, samples = read_all(SourceConfig(name="webdataset", path=str(tmp_path / "a.tar")))
     assert [(s.source_id, s.error) for s in samples] == [("webdataset:a.tar:k1", None)]
     assert "skipped 1 member(s) outside any sample: {'member_without_key': 1}" in caplog.text
 
 
 def test_emoji_source() -> None:
-    parts, samples = read_all(SourceConfig(kind="emoji", limit=6), per_part=4)
+    parts, samples = read_all(SourceConfig(name="emoji", limit=6), per_part=4)
     assert len(parts) == 2 and len(samples) == 6
     assert [s.source_id for s in samples] == [f"emoji:{emoji_id(e)}" for e in emoji_list()[:6]]
     assert all(s.error is None and s.caption.endswith(" emoji") for s in samples)
-    src = build_source(SourceConfig(kind="emoji"))
+    src = build_source(SourceConfig(name="emoji"))
     boar = src.items.index("\U0001f417")
     (s,) = src.read(Partition("emoji", 0, {"start": boar, "end": boar + 1}))
     assert s.source_id == "emoji:1f417" and s.caption == "a boar emoji" and s.data[:4] == b"\x89PNG"
@@ -248,7 +254,8 @@ def test_emoji_source() -> None:
 
 
 def test_openclipart_source_and_captions() -> None:
-    parts, samples = read_all(SourceConfig(kind="openclipart", categories=["food"], limit=40), per_part=16)
+    parts, samples = read_all(SourceConfig(name="openclipart", limit=40,
+                                           openclipart=OpenclipartSourceConfig(categories=["food"])), per_part=16)
     assert len(parts) == 3 and len(samples) == 40
     assert all(s.source_id.startswith("openclipart:food/") and s.caption.startswith("clip art of ") for s in samples)
     outs = SampleProcessor(ProcessConfig()).process_batch(samples)
@@ -280,19 +287,62 @@ def test_clean_title_keeps_non_trailing_names() -> None:
 
 def test_builtin_sources_name_missing_package(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="openclipart-png"):
-        build_source(SourceConfig(kind="openclipart", path=str(tmp_path / "nope")))
+        build_source(SourceConfig(name="openclipart", path=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji"):
-        build_source(SourceConfig(kind="emoji", path=str(tmp_path / "nope.ttf")))
+        build_source(SourceConfig(name="emoji", path=str(tmp_path / "nope.ttf")))
 
 
 def test_source_config_is_strict() -> None:
     assert SOURCES.names() == ["emoji", "folder", "openclipart", "urls", "webdataset"]
     with pytest.raises(ConfigError, match="url_colum"):
-        from_dict(SourceConfig, {"kind": "urls", "path": "x", "url_colum": "u"})
+        from_dict(SourceConfig, {"name": "urls", "path": "x", "urls": {"url_colum": "u"}})
     with pytest.raises(ConfigError, match="path is required"):
-        from_dict(SourceConfig, {"kind": "folder"})
-    with pytest.raises(ConfigError, match="kind"):
-        from_dict(SourceConfig, {"kind": "ftp", "path": "x"})
+        from_dict(SourceConfig, {"name": "folder"})
+    with pytest.raises(RegistryError, match="unknown source .ftp."):
+        build_source(from_dict(SourceConfig, {"name": "ftp", "path": "x"}))
+    with pytest.raises(ConfigError, match="section.s. emoji set but name is 'urls'"):
+        from_dict(SourceConfig, {"name": "urls", "path": "x", "emoji": {"canvas": 200}})
+    with pytest.raises(ConfigError, match="options is for plugin sources"):
+        from_dict(SourceConfig, {"name": "emoji", "options": {"a": 1}})
+    cfg = from_dict(SourceConfig, {"name": "urls", "path": "x", "urls": {"url_col": "URL"}})
+    assert cfg.section().url_col == "URL" and cfg.section().caption_col == "caption"
+
+
+def test_old_flat_source_configs_get_an_error_that_says_what_to_write() -> None:
+    """Configs written before sources had sections: ``kind:`` and flat options are refused with the new spelling."""
+    with pytest.raises(ConfigError, match=r"'kind: emoji' is now 'name: emoji'.*emoji: \{canvas: 160\}"):
+        from_dict(SourceConfig, {"kind": "emoji", "limit": 4})
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.url_col.*moved into the source's section: urls: \{url_col"):
+        from_dict(IngestConfig, {"sources": [{"kind": "urls", "path": "x", "url_col": "URL"}], "output": "o"})
+    with pytest.raises(ConfigError, match=r"emoji_canvas.*emoji: \{canvas"):
+        from_dict(SourceConfig, {"kind": "emoji", "emoji_canvas": 200})
+
+
+def test_http_retries_honour_retry_after_capped_and_jittered_backoff(http_server, tmp_path: Path) -> None:
+    """urllib3's Retry under the source: a 503 with Retry-After waits what the server asked (up to the cap), and
+    backoff without one is exponential with jitter; the retries are counted on the result."""
+    import time as _time
+
+    from tessera.data_pipeline.sources.http import Downloader, retry_policy
+
+    body = image_bytes()
+    url = http_server.add("/after.jpg", body, fail_first=1, fail_headers={"Retry-After": "1"})
+    dl = Downloader(UrlsSourceConfig(retries=2, backoff_s=0.01, backoff_jitter_s=0.0))
+    t0 = _time.monotonic()
+    res = dl.fetch(url)
+    waited = _time.monotonic() - t0
+    assert res.error is None and res.data == body and res.retries == 1 and http_server.hits["/after.jpg"] == 2
+    assert waited >= 0.95, f"Retry-After: 1 was not honoured (answered after {waited:.2f} s)"
+    capped = http_server.add("/long.jpg", body, fail_first=1, fail_headers={"Retry-After": "4"})
+    dl = Downloader(UrlsSourceConfig(retries=1, backoff_s=0.01, max_retry_after_s=0.2))
+    t0 = _time.monotonic()
+    assert dl.fetch(capped).error is None and _time.monotonic() - t0 < 2.5, "Retry-After was not capped at 0.2 s"
+    policy = retry_policy(UrlsSourceConfig(retries=5, backoff_s=0.5, backoff_jitter_s=0.25))
+    assert policy.status_forcelist == (429, 500, 502, 503, 504) and policy.respect_retry_after_header
+    for _ in range(3):  # exponential backoff with jitter: 0.5 * 2**(n-1) + U(0, 0.25)
+        policy = policy.increment("GET", "/x", error=ConnectionError("refused"))
+    waits = {round(policy.get_backoff_time(), 3) for _ in range(20)}
+    assert len(waits) > 1 and all(2.0 <= w <= 2.25 for w in waits), waits
 
 
 @pytest.mark.s3
@@ -309,12 +359,12 @@ def test_sources_read_from_s3(s3_bucket: str, tmp_path: Path) -> None:
     _write_table([{"url": f"{s3_bucket}/imgs/a.jpg", "caption": "c", "x": 1}], tmp_path / "t.parquet")
     storage.write_bytes(f"{s3_bucket}/tables/t.parquet", (tmp_path / "t.parquet").read_bytes())
 
-    _, wds = read_all(SourceConfig(kind="webdataset", path=f"{s3_bucket}/wds"))
+    _, wds = read_all(SourceConfig(name="webdataset", path=f"{s3_bucket}/wds"))
     assert [(s.source_id, s.caption) for s in wds] == [("webdataset:00000.tar:k1", b"one"),
                                                        ("webdataset:00000.tar:k2", b"two")]  # fmt: skip
-    _, folder = read_all(SourceConfig(kind="folder", path=f"{s3_bucket}/imgs"))
+    _, folder = read_all(SourceConfig(name="folder", path=f"{s3_bucket}/imgs"))
     assert [(s.source_id, s.data, s.caption) for s in folder] == [("folder:a.jpg", img, b"caption a")]
-    _, urls = read_all(SourceConfig(kind="urls", path=f"{s3_bucket}/tables"))
+    _, urls = read_all(SourceConfig(name="urls", path=f"{s3_bucket}/tables"))
     assert urls[0].error is None and urls[0].data == img and urls[0].meta["x"] == 1
 
 
@@ -338,7 +388,7 @@ def test_urls_parquet_is_read_by_row_groups_and_columns(s3_bucket: str, tmp_path
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoints[0])
         storage.configure(storage.StorageConfig())
-        t = Table(url, "parquet", SourceConfig(kind="urls", path=url, extra_cols=[]))
+        t = Table(url, "parquet", UrlsSourceConfig(extra_cols=[]))
         assert t.count() == n
         footer = srv.traffic.bytes_of("/" + url[len("s3://"):])
         rows = list(t.rows(2500, 3500))

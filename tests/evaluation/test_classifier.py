@@ -52,7 +52,7 @@ def shapes_dataset(root: Path, per_class: int, label_in_json: bool) -> Path:
     (folder / "unlabelled.json").write_text(json.dumps({"caption": "something else"}))
     out = root / "data"
     run_ingest(from_dict(IngestConfig, {
-        "sources": [{"kind": "folder", "path": str(folder)}], "output": str(out), "executor": "local",
+        "sources": [{"name": "folder", "path": str(folder)}], "output": str(out), "executor": "local",
         "dedup": {"exact": False, "near": False},
         "process": {"min_side": 8, "image_format": "png", "buckets": {"base_resolution": 32, "multiple": 16}}}))
     return out

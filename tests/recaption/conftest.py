@@ -39,7 +39,7 @@ def emoji_ds(tmp_path_factory) -> Path:
     from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 
     out = tmp_path_factory.mktemp("rc_src") / "ds"
-    cfg = from_dict(IngestConfig, {"sources": [{"kind": "emoji", "limit": 40}], "output": str(out),
+    cfg = from_dict(IngestConfig, {"sources": [{"name": "emoji", "limit": 40}], "output": str(out),
                                    "samples_per_shard": 16, "executor": "local", "max_task_retries": 0,
                                    "process": {"min_side": 32, "buckets": {"base_resolution": 32, "multiple": 16}}},
                     "test")

@@ -36,7 +36,7 @@ def _ingest(src: Path, out: Path, require_caption: bool) -> dict:
     from tessera.data_pipeline.ingest import IngestConfig, run_ingest
 
     cfg = from_dict(IngestConfig, {
-        "sources": [{"kind": "folder", "path": str(src)}], "output": str(out), "samples_per_shard": 8,
+        "sources": [{"name": "folder", "path": str(src)}], "output": str(out), "samples_per_shard": 8,
         "executor": "local", "max_task_retries": 0, "dedup": {"near": False},
         "process": {"min_side": 32, "require_caption": require_caption,
                     "buckets": {"base_resolution": 32, "multiple": 16}}}, "test")

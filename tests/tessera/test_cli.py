@@ -36,7 +36,7 @@ def test_dry_run_prints_resolved_config_with_overrides(cmd, config):
     assert out.stdout.startswith("# config_hash: ")
     resolved = yaml.safe_load(out.stdout)
     if cmd[0] == "data":
-        assert resolved["samples_per_shard"] == 7 and resolved["sources"][0]["kind"] == "emoji"
+        assert resolved["samples_per_shard"] == 7 and resolved["sources"][0]["name"] == "emoji"
     else:
         assert resolved["optim"]["lr"] == 0.0003 and resolved["model"]["name"] == "dit"
 
@@ -58,7 +58,7 @@ def test_wrong_type_names_key_and_expected_type():
     out = tessera("train", "--config", "configs/train/tiny_dit.yaml", "train.total_samples=lots", "--dry-run")
     assert out.returncode == 2 and "'train.total_samples'" in out.stderr and "expects int" in out.stderr
     out = tessera("train", "--config", "configs/train/tiny_dit.yaml", "deepspeed.stage=5", "--dry-run")
-    assert out.returncode == 2 and "'deepspeed.stage'" in out.stderr and "one of 1, 2, 3" in out.stderr
+    assert out.returncode == 2 and "'deepspeed.stage'" in out.stderr and "one of 'auto', 1, 2, 3" in out.stderr
 
 
 def test_missing_config_file_names_path(tmp_path):

@@ -74,7 +74,7 @@ def test_published_model_recipe(tmp_path):
     assert job["model"]["init_from"] == str(tmp_path / "base")
     # 3. Ingest a folder, recaption with the weight-free attributes captioner, precompute T5 embeddings and latents.
     _yaml(tmp_path / "ingest.yaml", {
-        "sources": [{"kind": "folder", "path": str(_image_folder(tmp_path / "images"))}],
+        "sources": [{"name": "folder", "path": str(_image_folder(tmp_path / "images"))}],
         "output": str(tmp_path / "data"), "samples_per_shard": 12, "executor": "local",
         "process": {"min_side": 16, "buckets": {"base_resolution": 32, "multiple": 16}, "image_format": "png"},
         "dedup": {"exact": True, "near": False}})
