@@ -22,6 +22,7 @@ wait for room ends after ``lock_timeout_s`` with an error naming the shard.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -152,7 +153,12 @@ class ShardCache:
             self._verify(path, sha, size, name)  # cached by a run with verify: never
             return
         for stale in glob.glob(glob.escape(self._path(sha, "part")) + ".*"):
-            os.remove(stale)  # a download by a process that died (it held this lock)
+            # A download by a process that died. Only a dead one's: a DataLoader worker forked while its parent
+            # held this shard's lock shares that lock (flock belongs to the open file, which fork shares), so a
+            # live process may be downloading beside us; its file is its own, and the last rename wins (same bytes).
+            if not _alive(stale):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
         tmp = self._path(sha, f"part.{os.getpid()}.{threading.get_ident()}")
         self._make_room(size, name, deadline)
         try:
@@ -316,6 +322,18 @@ class ShardCache:
             finally:
                 os.close(lock)
         return need
+
+
+def _alive(part: str) -> bool:
+    """Whether the process named in ``<sha>.part.<pid>.<thread>`` is still running on this node."""
+    try:
+        pid = int(part.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class _Changed(Exception):
