@@ -6,6 +6,10 @@ through ``bench/harness.py`` the two models run alternately (diffusers, ours, di
 run is the mean ms/step over ``--steps`` steps, and the medians of ``--repeats`` runs are compared.
 
     .venv/bin/python bench/dit_step.py --steps 4 --repeats 3 --threads 1 --dtype both
+    .venv/bin/python bench/dit_step.py --compile --dtype fp32      # ours with regional torch.compile (inductor)
+
+``--compile`` compiles our blocks as ``train.compile: on`` does (``trainer/compile.py``), against diffusers'
+PixArt in eager mode, the way diffusers' training scripts run it (issue #30's goal: <= 0.7x its time).
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ def compare(report: Report, a: argparse.Namespace, dtype: str) -> dict:
     """One dtype: build both models, warm up, then alternate timed runs through the harness."""
     torch.manual_seed(0)
     models = {"ours": build_ours(a), "diffusers": build_diffusers(a)}
+    if a.compile:
+        from tessera.trainer.compile import compile_blocks
+
+        compile_blocks(models["ours"], "on", torch.device("cpu"), zero_stage=1)
     sizes = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if sizes["ours"] != sizes["diffusers"]:  # same architecture, so the same parameters
         raise SystemExit(f"models differ in size: {sizes}")
@@ -95,7 +103,8 @@ def compare(report: Report, a: argparse.Namespace, dtype: str) -> dict:
             for fn in steps.values():
                 fn()
 
-    cmp = Comparison(name=f"DiT train step {dtype} ({sizes['ours'] / 1e6:.2f}M params)", metric="ms/step",
+    what = " compiled" if a.compile else ""
+    cmp = Comparison(name=f"DiT{what} train step {dtype} ({sizes['ours'] / 1e6:.2f}M params)", metric="ms/step",
                      higher_is_better=False, peer="diffusers PixArt")
     peer, ours = (lambda: run_steps(steps["diffusers"], a.steps)), (lambda: run_steps(steps["ours"], a.steps))
     return report.compare(cmp, peer, ours, repeats=a.repeats, warmup=warmup)
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dim", type=int, default=256)
     p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="ours with regional torch.compile of its blocks")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

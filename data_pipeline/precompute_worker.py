@@ -17,6 +17,7 @@ from itertools import islice
 from typing import Any, BinaryIO, Iterable, Iterator
 
 from tessera import storage
+from tessera.trainer.components import empty_url
 from tessera.config import config_hash, from_dict, to_dict
 from tessera.data_pipeline.precompute_config import PrecomputeConfig, SourceMismatch, attempts_dir, stats_url
 from tessera.data_pipeline.shards import IMAGE_EXTS, TarShardWriter, read_json, write_json
@@ -176,10 +177,27 @@ class ShardEncoder:
         counts["seconds"]["latent"] += time.perf_counter() - t1
         return new
 
+    def write_empty(self) -> None:
+        """``empty.<text encoder id>.safetensors`` at the output's root: the empty prompt's embedding (full length,
+        unpadded mask), the unconditional input of classifier-free guidance, so a training run on this dataset
+        never loads the text encoder just for it. Every worker may write it: the same bytes, written atomically."""
+        import torch
+        from safetensors.torch import save
+
+        url = empty_url(self.cfg.output, self.text.id)
+        if storage.exists(url):
+            return
+        emb = self.text.empty_embedding()
+        t = {"hidden": emb.hidden[:1].float().cpu().contiguous(), "mask": emb.mask[:1].to(torch.int8).cpu()}
+        if emb.pooled is not None:
+            t["pooled"] = emb.pooled[:1].float().cpu().contiguous()
+        storage.write_bytes(url, save(t))
+
     def process(self, task: dict) -> dict:
         """Source shard -> output shard (originals + caches), then its stats (the done-marker); idempotent."""
         cfg, name = self.cfg, task["name"]
         done = stats_url(cfg.output, name)
+        self.write_empty()
         if storage.exists(done):
             return read_json(done)
         # One marker per attempt (a Ray retry after an actor died, or a rerun), so retries are counted.

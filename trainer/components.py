@@ -1,5 +1,5 @@
 """The frozen encoders, which of a dataset's precomputed caches fit them, and turning a loader batch into
-(x0, text condition)."""
+(x0, text condition) and, for a control run, the control branch's input."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from tessera import storage
 from tessera.trainer.autoencoders import autoencoder_id, build_autoencoder
 from tessera.trainer.text_encoders import TextEmbedding, build_text_encoder, text_encoder_id
 
 log = logging.getLogger("tessera.components")
+
+
+def empty_url(dataset: str, text_encoder_id: str) -> str:
+    """Where a precomputed dataset keeps its text encoder's empty-prompt embedding (``empty.<id>.safetensors``)."""
+    return storage.join(dataset, f"empty.{text_encoder_id}.safetensors")
 
 
 @dataclass
@@ -27,6 +33,9 @@ class Frozen:
     _text: Any = None
     _ae: Any = None
     _empty: TextEmbedding | None = None
+    # A precomputed dataset's empty-prompt embedding (``tessera data precompute`` writes it): read instead of
+    # loading the text encoder on every rank just to encode "".
+    empty_url: str | None = None
 
     @property
     def text(self):
@@ -46,7 +55,11 @@ class Frozen:
     def empty(self) -> TextEmbedding:
         """The empty-prompt embedding (one row), for classifier-free guidance."""
         if self._empty is None:
-            self._empty = self.text.empty_embedding().to(self.device)
+            if self.empty_url and storage.exists(self.empty_url):
+                t = load_safetensors(storage.read_bytes(self.empty_url))
+                self._empty = TextEmbedding(t["hidden"], t["mask"].bool(), t.get("pooled")).to(self.device)
+            else:
+                self._empty = self.text.empty_embedding().to(self.device)
         return self._empty
 
 
@@ -54,21 +67,59 @@ def batch_to_inputs(batch: dict, frozen: Frozen, device: torch.device, dtype: to
                     ) -> tuple[torch.Tensor, TextEmbedding, dict[str, int]]:
     """(x0 latents (B,C,h,w), text condition, counts of what was computed on the fly)."""
     on_the_fly = {"text_encoded": 0, "latents_encoded": 0}
+    nb = device.type == "cuda"  # the loader pins its batches on CUDA: copies overlap with the device's work
     if "latent" in batch:
-        x0 = batch["latent"].to(device, torch.float32)
+        x0 = batch["latent"].to(device, non_blocking=nb).float()  # copy as stored, then cast on the device
     else:
         with torch.no_grad():
-            x0 = frozen.ae.encode(batch["image"].to(device, torch.float32)).float()
+            x0 = frozen.ae.encode(batch["image"].to(device, non_blocking=nb).float()).float()
         on_the_fly["latents_encoded"] = x0.shape[0]
     if "text_hidden" in batch:
         pooled = batch.get("text_pooled")
-        cond = TextEmbedding(batch["text_hidden"].to(device), batch["text_mask"].to(device).bool(),
-                             pooled.to(device) if pooled is not None else None)
+        cond = TextEmbedding(batch["text_hidden"].to(device, non_blocking=nb),
+                             batch["text_mask"].to(device, non_blocking=nb).bool(),
+                             pooled.to(device, non_blocking=nb) if pooled is not None else None)
     else:
         cond = frozen.text.encode(list(batch["caption"])).to(device)
         on_the_fly["text_encoded"] = x0.shape[0]
     cond = TextEmbedding(cond.hidden.to(dtype), cond.mask, None if cond.pooled is None else cond.pooled.to(dtype))
     return x0, cond, on_the_fly
+
+
+def control_tensor(images: torch.Tensor, space: str, autoencoder, device: torch.device) -> torch.Tensor:
+    """Condition images (B, 3, H, W) in [-1, 1] -> the control branch's input: their latents (DiT/MMDiT: encoded by
+    the frozen autoencoder, as PixArt and SD3 ControlNets take them) or the image in [0, 1] (UNet: diffusers'
+    ControlNetModel encodes pixels itself)."""
+    images = images.to(device, torch.float32)
+    if space == "pixel":
+        return images.add(1.0).mul_(0.5)
+    with torch.no_grad():
+        return autoencoder.encode(images).float()
+
+
+def control_input(batch: dict, model, model_cfg, frozen: Frozen, seed: int, step: int, device: torch.device,
+                  dtype: torch.dtype, on_the_fly: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``{"control": tensor}`` for a control run's model call, ``{}`` otherwise: the batch's condition in the branch's
+    input space, ``control.dropout`` of the samples replaced by the null condition (zeros). Dropout draws from each
+    sample's own stream (keyed ``control:<key>``), so the timestep, noise and text-dropout draws stay as they are."""
+    from tessera.trainer.diffusion.rng import KeyedRNG, rand
+
+    ctl = model_cfg.control
+    if ctl is None:
+        return {}
+    conds = batch.get("cond") or {}
+    if ctl.condition not in conds:
+        raise KeyError(f"the batch has no condition {ctl.condition!r} (has {sorted(conds)}): data.conditions must "
+                       "list model.control.condition")
+    x = control_tensor(conds[ctl.condition], model.input_space, frozen.ae, device)
+    if model.input_space == "latent" and frozen.ae_cfg.name != "identity":
+        on_the_fly["control_encoded"] = on_the_fly.get("control_encoded", 0) + x.shape[0]
+    if ctl.dropout > 0:
+        keys = [f"control:{k}" for k in batch["key"]]
+        drop = rand(len(keys), KeyedRNG.for_samples(seed, step, keys, device), device) < ctl.dropout  # (B,)
+        x = x * (~drop).to(x.dtype)[:, None, None, None]
+        on_the_fly["control_dropped"] = on_the_fly.get("control_dropped", 0) + drop.sum()  # on the device
+    return {"control": x.to(dtype)}
 
 
 def precomputed_ids(data_cfg, text_cfg, ae_cfg) -> dict[str, str | None]:

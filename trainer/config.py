@@ -17,6 +17,8 @@ from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig
 from tessera.trainer.ema import EMAConfig
 from tessera.trainer.faults import DebugConfig
 from tessera.trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_model, config_class
+from tessera.trainer.models.control import ControlConfig
+from tessera.trainer.probes import ProbeConfig, probe_every
 from tessera.trainer.text_encoders import TextEncoderConfig
 
 
@@ -32,6 +34,9 @@ class ModelConfig:
     or a Tessera export, checkpoint or run. The section must describe the same architecture (``tessera
     import`` prints it); ``init_strict: false`` loads what fits and keeps fresh weights for the rest
     (docs/models.md).
+
+    ``control``: train a control branch (ControlNet) on the frozen base model that ``init_from`` names; the branch
+    and its base are the model every stage builds from this section (docs/control.md).
     """
 
     name: str = "dit"  # dit | mmdit | unet, or a family an installed plugin registers (entry points tessera.models)
@@ -41,6 +46,7 @@ class ModelConfig:
     options: dict[str, Any] | None = None  # a plugin family's section, checked strictly against its config class
     init_from: str | None = None
     init_strict: bool = True
+    control: ControlConfig | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -54,6 +60,9 @@ class ModelConfig:
             raise ValueError(f"section(s) {', '.join(extra)} set but model.name is {self.name!r}")
         if self.name not in BUILT_IN:  # a plugin's section: strict now, so --dry-run reports a bad key
             from_dict(config_class(self.name), self.options or {}, f"model.options ({self.name})")
+        if self.control is not None and not self.init_from:
+            raise ValueError("model.control trains a branch on a frozen base model: set model.init_from to the base "
+                             "(a run, checkpoint, export or diffusers folder)")
 
     def section(self):
         """The selected family's config (its defaults when the section is absent)."""
@@ -62,13 +71,22 @@ class ModelConfig:
         return getattr(self, self.name) or config_class(self.name)()
 
     def build(self, init: bool = True):
-        """A fresh model of the selected family, loaded from ``init_from`` when set and ``init`` is True."""
+        """A fresh model of the selected family, loaded from ``init_from`` when set and ``init`` is True. With
+        ``control`` the model is the controlled base: the base loaded from ``init_from`` (when ``init``) and
+        frozen, its fingerprint pinned, and a fresh branch."""
         model = build_model(self.name, self.section())
         if init and self.init_from:
             from tessera.trainer.convert import init_weights
 
             init_weights(model, self.init_from, strict=self.init_strict)
-        return model
+        if self.control is None:
+            return model
+        from tessera.trainer.models.control import build_controlled
+
+        controlled = build_controlled(model, self.control)
+        if init:
+            controlled.pin_base(f"model.init_from={self.init_from}")
+        return controlled
 
 
 @dataclass(kw_only=True)
@@ -83,6 +101,9 @@ class SampleGridConfig:
     width: int = 32
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=20, cfg_scale=3.0))
+    # Control runs (model.control): one condition image per prompt (local or s3://), resized to height x width;
+    # the grid shows each condition above its image.
+    control_images: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -115,10 +136,18 @@ class LoopConfig:
     on_nonfinite: Literal["rollback", "stop"] = "rollback"
     activation_checkpointing: bool = False
     cpu_peak_tflops: float = 1.0  # for MFU on CPU; GPUs use the table in tessera/device.py
+    # Steps between the host's reads of what the ranks agreed on (stop, time budget, checkpoint writers); log and
+    # checkpoint steps read it too. Other steps never wait for the device; a stop request waits up to this many.
+    host_sync_every_steps: int = 10
+    # Regional torch.compile of the denoiser's repeated blocks (each block compiled once, reused by every layer):
+    # auto = on with CUDA, off on CPU (inductor's CPU compile takes longer than a CPU run gains).
+    compile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.total_samples <= 0:
             raise ValueError(f"total_samples must be > 0, got {self.total_samples}")
+        if self.host_sync_every_steps < 1:
+            raise ValueError(f"host_sync_every_steps must be >= 1, got {self.host_sync_every_steps}")
 
 
 @dataclass(kw_only=True)
@@ -139,4 +168,32 @@ class TrainJobConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     samples: SampleGridConfig = field(default_factory=SampleGridConfig)
     eval: InTrainingEvalConfig = field(default_factory=InTrainingEvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def cadence_warnings(self, world: int) -> list[str]:
+        """Cadences (log, probe, checkpoint, grids, eval) that come round within a few optimizer steps at this
+        world size's global batch: each costs extra forwards or a stall, so at scale they should be rarer."""
+        step = self.data.batch_size * world * self.optim.grad_accum
+        probe = probe_every(self)
+        cadences = {"train.log_every_samples": self.train.log_every_samples, "probe (every_samples)": probe,
+                    "train.ckpt_every_samples": self.train.ckpt_every_samples,
+                    "samples.every_samples": self.samples.every_samples if self.samples.enabled else 0,
+                    "eval.every_samples": self.eval.every_samples or 0}
+        few = {"train.ckpt_every_samples": 50, "samples.every_samples": 50, "eval.every_samples": 50}
+        return [f"{k}={v} is every {v / step:.1f} optimizer steps at a global batch of {step} ({world} ranks); "
+                f"raise it to at least {few.get(k, 5)} steps ({few.get(k, 5) * step} samples)"
+                for k, v in cadences.items() if v and v < few.get(k, 5) * step]
+
+    def __post_init__(self) -> None:
+        control, grid = self.model.control, self.samples
+        if control is None:
+            if grid.control_images:
+                raise ValueError("samples.control_images is for control runs (model.control)")
+            return
+        if control.condition not in self.data.conditions:  # the loader brings the branch's condition
+            self.data.conditions.append(control.condition)
+        if grid.enabled and len(grid.control_images) != len(grid.prompts):
+            raise ValueError(f"a control run samples its grids with conditions: samples.control_images needs one "
+                             f"image per samples.prompts entry ({len(grid.prompts)}), got {len(grid.control_images)}; "
+                             "or set samples.enabled=false")

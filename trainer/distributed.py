@@ -143,10 +143,24 @@ def collective_device(backend: str, compute: torch.device) -> torch.device:
 def all_reduce_sum(values: torch.Tensor) -> list[float]:
     """Sum a small 1-D tensor over ranks in one all-reduce (in fp64, on its device); reading the result is the
     one host sync."""
+    return reduce_on_device(values).tolist()
+
+
+def reduce_on_device(values: torch.Tensor) -> torch.Tensor:
+    """``all_reduce_sum`` without the read: the fp64 sum stays on the device until someone needs it."""
     t = values.to(torch.float64)
     if world_size() > 1:
         dist.all_reduce(t)
-    return t.tolist()
+    return t
+
+
+def to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 tensor on ``device`` without making the host wait: staged in pinned memory and
+    copied asynchronously on CUDA (a pageable copy would synchronise the stream)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def gather_to_rank0(obj: Any) -> list[Any] | None:

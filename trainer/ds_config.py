@@ -64,14 +64,18 @@ class DeepSpeedConfig:
 
     Stage 0 (plain data parallel) is not offered: the loop's non-finite guard relies on ZeRO's own overflow
     check, which skips a step with a non-finite gradient norm on every rank alike; stage 1 costs the same
-    communication as stage 0 and less memory.
+    communication as stage 0 and less memory. ``auto`` takes the lowest stage whose per-rank model states fit in
+    half the device's memory (``resolve_stage``): ZeRO-1 wherever it fits, because ZeRO-2 reduce-scatters the
+    gradients on every micro-step of an accumulation, where ZeRO-1 reduces once per optimizer step.
     """
 
-    stage: Literal[1, 2, 3] = 2
+    stage: Literal["auto", 1, 2, 3] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA with bf16 support, else fp32
     offload_optimizer: bool = False
     offload_param: bool = False  # ZeRO-3 only
-    fused_adam: Literal["auto", "on", "off"] = "auto"  # auto: DeepSpeed's FusedAdam on CUDA, torch AdamW elsewhere
+    # auto: torch's fused AdamW on CUDA (no JIT build: runs on runtime-only images), torch's foreach AdamW on CPU
+    # (bit-exact resume); on: torch's fused AdamW anywhere; deepspeed: DeepSpeed's JIT-built FusedAdam; off: foreach.
+    fused_adam: Literal["auto", "on", "off", "deepspeed"] = "auto"
     reduce_bucket_size: int = 50_000_000
     overlap_comm: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA streams, off on CPU/gloo
     # DeepSpeed config keys merged over the generated config last, e.g.
@@ -79,7 +83,7 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.offload_param and self.stage != 3:
+        if self.offload_param and self.stage not in (3, "auto"):
             raise ValueError("deepspeed.offload_param needs stage 3")
         owned = [f"{k} (set {v})" for k, v in OWNED_KEYS.items() if k in self.extra]
         if owned:
@@ -96,19 +100,50 @@ def resolve_precision(ds: DeepSpeedConfig, cuda: bool, bf16_ok: bool) -> str:
     return "bf16" if cuda and bf16_ok else "fp32"
 
 
+def resolve_stage(ds: DeepSpeedConfig, n_params: int, world: int, precision: str, capacity_bytes: float) -> int:
+    """The ZeRO stage to run: the configured one, or for ``auto`` the lowest whose per-rank model states (ZeRO
+    formulas, ``memory.zero_formula_bytes``) take at most half of ``capacity_bytes`` (activations need the rest)."""
+    if ds.stage != "auto":
+        return int(ds.stage)
+    if ds.offload_param:
+        return 3
+    from tessera.trainer.memory import zero_formula_bytes
+
+    for stage in (1, 2):
+        need = zero_formula_bytes(n_params, stage, world, precision, ds.offload_optimizer)
+        if sum(v for k, v in need.items() if k.startswith("device_")) <= 0.5 * capacity_bytes:
+            return stage
+    return 3
+
+
+def device_capacity(device) -> float:
+    """Bytes one rank may use: the GPU's memory, or this host's memory shared by its local ranks."""
+    import torch
+
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return psutil.virtual_memory().total / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int, world_size: int, cuda: bool,
                     bf16_ok: bool = False) -> dict[str, Any]:
     """DeepSpeed's config dict for one run. No ``scheduler``: the loop sets the lr of every optimizer step from
     ``schedule.lr_at(samples)``, so a resumed run needs no scheduler state."""
     precision = resolve_precision(ds, cuda, bf16_ok)
-    # torch's AdamW on CPU: FusedAdam needs a JIT build and drifts ~1e-7 across a resume (ENVIRONMENT.md).
-    fused = cuda if ds.fused_adam == "auto" else ds.fused_adam == "on"
+    # DeepSpeed's FusedAdam needs nvcc to JIT-build (runtime-only images fail) and drifts ~1e-7 across a resume
+    # (ENVIRONMENT.md): torch's own AdamW serves, fused on CUDA. Under optimizer offload on GPUs DeepSpeed insists
+    # on its CPU Adam (zero_force_ds_cpu_optimizer), the fast path there.
+    ds_fused = ds.fused_adam == "deepspeed" or (cuda and ds.offload_optimizer)
+    torch_fused = not ds_fused and (ds.fused_adam == "on" or (ds.fused_adam == "auto" and cuda))
     overlap = cuda if ds.overlap_comm == "auto" else ds.overlap_comm == "on"
-    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": overlap, "contiguous_gradients": True,
+    stage = 1 if ds.stage == "auto" else ds.stage  # engine_for resolves "auto" by memory; 1 is what fits a check
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": overlap, "contiguous_gradients": True,
                             "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if ds.stage == 3:
+    if stage == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True})
         if ds.offload_param:
             zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
@@ -120,9 +155,14 @@ def build_ds_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch: int
         "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else 1e30,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            "torch_adam": not fused, "adam_w_mode": True}},
+            "torch_adam": not ds_fused, "adam_w_mode": True, **({"fused": True} if torch_fused else {})}},
         "zero_optimization": zero,
+        # check_grad_overflow: DeepSpeed skips a bf16 step with a non-finite gradient (the loop's guard relies on
+        # it; ``require_deepspeed`` checks that the installed DeepSpeed has the option).
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        # Gradients accumulate in fp32 under bf16 (with ZeRO-1 DeepSpeed's bf16 optimizer does so); bf16 sums over
+        # many micro-batches lose the small ones.
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision == "bf16" else {}),
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -192,10 +232,10 @@ def _ds_version() -> str:
 def ops_to_build(config: dict[str, Any]) -> list[str]:
     """DeepSpeed op builders a generated config makes ``deepspeed.initialize`` load: FusedAdam, CPU Adam (optimizer
     offload on GPUs)."""
-    ops = [] if config["optimizer"]["params"].get("torch_adam") else ["FusedAdamBuilder"]
-    if config["zero_optimization"].get("offload_optimizer") and config.get("zero_force_ds_cpu_optimizer"):
-        ops.append("CPUAdamBuilder")
-    return ops
+    cpu_adam = bool(config["zero_optimization"].get("offload_optimizer") and config.get("zero_force_ds_cpu_optimizer"))
+    if cpu_adam:
+        return ["CPUAdamBuilder"]
+    return [] if config["optimizer"]["params"].get("torch_adam") else ["FusedAdamBuilder"]
 
 
 def announce_op_builds(builders: list[str]) -> list[str]:

@@ -112,7 +112,7 @@ def deepspeed_estimate(n: int, largest: int, stage: int, world: int) -> str:
 
 def report(cfg, world: int) -> str:
     """The text printed by ``--estimate-memory``."""
-    from tessera.trainer.ds_config import resolve_precision
+    from tessera.trainer.ds_config import device_capacity, resolve_precision, resolve_stage
 
     model = meta_model(cfg.model)
     n, largest = count_params(cfg.model, model)
@@ -121,11 +121,13 @@ def report(cfg, world: int) -> str:
 
     cuda = torch.cuda.is_available()  # "auto" precision is resolved for this machine, as training would
     precision = resolve_precision(ds, cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported())
-    est = zero_formula_bytes(n, ds.stage, world, precision, ds.offload_optimizer, ds.offload_param)
+    stage = resolve_stage(ds, n, world, precision, device_capacity(torch.device("cuda" if cuda else "cpu")))
+    est = zero_formula_bytes(n, stage, world, precision, ds.offload_optimizer, ds.offload_param)
     gb = 1024**3
     lines = [f"model: {cfg.model.name}  parameters: {n:,} ({n / 1e6:.1f} M)  largest layer: {largest:,}",
              *(f"note: {note}" for note in config_notes(cfg)), flops_line(cfg, model),
-             f"ZeRO stage {ds.stage}, world size {world}, precision {precision}",
+             f"ZeRO stage {stage}{' (auto: the lowest whose states fit half the memory)' if ds.stage == 'auto' else ''}"
+             f", world size {world}, precision {precision}",
              "per-rank model-state memory (ZeRO formulas, Adam):"]
     for k, v in est.items():
         if v:
@@ -135,7 +137,7 @@ def report(cfg, world: int) -> str:
         lines.append(f"  {'ema (fp32, 1/world per rank)':<18} {4 * n / world / gb:9.3f} GiB")
         total += 4 * n / world
     lines.append(f"  {'device total':<18} {total / gb:9.3f} GiB")
-    if ds.stage >= 2:
-        lines += ["", "DeepSpeed's estimator (CUDA-style, all offload variants):", deepspeed_estimate(n, largest, ds.stage, world)]
+    if stage >= 2:
+        lines += ["", "DeepSpeed's estimator (CUDA-style, all offload variants):", deepspeed_estimate(n, largest, stage, world)]
     lines.append("Activations are extra: they scale with batch size and resolution (activation checkpointing cuts them).")
     return "\n".join(lines)

@@ -30,22 +30,26 @@ PROBE_SEED_OFFSET = 0x5EED  # the probe's draws never coincide with the training
 class ProbeConfig:
     """When the caption probe runs (``probe:`` in the training config)."""
 
-    every_samples: int | None = None  # None: at every log line (train.log_every_samples); 0: off
+    every_samples: int | None = None  # None: at every ``every_logs``-th log line; 0: off
+    # The probe costs 2-3 extra forwards of the step's batch: at scale, once every few log lines is plenty.
+    every_logs: int = 4
 
     def __post_init__(self) -> None:
         if self.every_samples is not None and self.every_samples < 0:
             raise ValueError(f"every_samples must be >= 0 or null, got {self.every_samples}")
+        if self.every_logs < 1:
+            raise ValueError(f"every_logs must be >= 1, got {self.every_logs}")
 
 
 def probe_config(job_cfg) -> ProbeConfig:
-    """The job's ``probe`` section; a job config without one probes at every log line (the default)."""
+    """The job's ``probe`` section (defaults for a job config without one)."""
     return getattr(job_cfg, "probe", None) or ProbeConfig()
 
 
 def probe_every(job_cfg) -> int:
     """Samples between two probes (0: off)."""
-    every = probe_config(job_cfg).every_samples
-    return job_cfg.train.log_every_samples if every is None else every
+    pc = probe_config(job_cfg)
+    return job_cfg.train.log_every_samples * pc.every_logs if pc.every_samples is None else pc.every_samples
 
 
 def shift_condition(cond: Any) -> Any:
@@ -91,21 +95,21 @@ def run_probe(engine, objective, frozen, micro_batches: list[dict], cfg, step: i
     """The caption probe on this step's micro-batches (every rank), averaged over all ranks (one all-reduce)."""
     from tessera.trainer.components import batch_to_inputs
     from tessera.trainer.distributed import all_reduce_sum
-    from tessera.trainer.engine import sample_generators
+    from tessera.trainer.diffusion.rng import KeyedRNG
 
     device = next(engine.module.parameters()).device
     empty = frozen.empty() if cfg.cfg_dropout.p > 0 else None
 
-    def model_fn(x_t, timestep, c):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return engine(x_t.to(dtype), timestep, c.hidden, c.mask, c.pooled).float()
+    def model_fn(x_t, timestep, c):  # as the training step's: no autocast over the engine's own dtype
+        return engine(x_t.to(dtype), timestep, c.hidden, c.mask, c.pooled).float()
 
     sums = torch.zeros(4, dtype=torch.float64)  # [samples, sum own, sum shuffled, sum empty]
     for batch in micro_batches:
         x0, cond, _ = batch_to_inputs(batch, frozen, device, dtype)
         keys = list(batch["key"])
         losses = caption_gain(objective, model_fn, x0, cond,
-                              lambda: sample_generators(cfg.train.seed + PROBE_SEED_OFFSET, step, keys), empty)
+                              lambda: KeyedRNG.for_samples(cfg.train.seed + PROBE_SEED_OFFSET, step, keys, device),
+                              empty)
         sums[0] += len(keys)
         for i, k in enumerate(("own", "shuffled", "empty"), start=1):
             if k in losses:

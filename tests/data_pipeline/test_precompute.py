@@ -52,7 +52,7 @@ def shard_bytes(root: Path) -> dict[str, bytes]:
 def source_ds(tmp_path_factory) -> Path:
     """~40 real emoji (two caption variants: alt, name) ingested into 3 shards of 32x32 images."""
     out = tmp_path_factory.mktemp("pc_src") / "ds"
-    cfg = from_dict(IngestConfig, {"sources": [{"kind": "emoji", "limit": 40}], "output": str(out),
+    cfg = from_dict(IngestConfig, {"sources": [{"name": "emoji", "limit": 40}], "output": str(out),
                                    "samples_per_shard": 16, "executor": "local", "max_task_retries": 0,
                                    "process": {"min_side": 32, "buckets": {"base_resolution": 32, "multiple": 16}}},
                     "test")
@@ -106,6 +106,32 @@ def test_members_shapes_and_values_match_direct_encode(source_ds, minilm_out):
             torch.testing.assert_close(z.float(), expect, rtol=0, atol=1e-3)
     n_samples = len(rows) // 2
     assert n_samples == m["precompute"]["samples"] == m["totals"]["written"]
+
+
+def test_the_empty_prompt_embedding_is_stored_and_training_reads_it_without_the_encoder(source_ds, minilm_out,
+                                                                                           monkeypatch):
+    """The dataset carries ``empty.<id>.safetensors`` (the CFG unconditional input); ``Frozen.empty()`` reads it and
+    never builds the text encoder, and it equals the encoder's own embedding of ""."""
+    from tessera.trainer import components as C
+
+    out, m = minilm_out
+    cfg = make_cfg(source_ds, out)
+    tid = m["precompute"]["text_encoder"]
+    url = C.empty_url(str(out), tid)
+    stored = load_st((out / f"empty.{tid}.safetensors").read_bytes())
+    ref = load_encoders(cfg.text_encoder, None)[0].empty_embedding()
+    torch.testing.assert_close(stored["hidden"], ref.hidden.float().cpu())
+    assert stored["mask"].tolist() == ref.mask.to(torch.int8).tolist()
+
+    def no_encoder(_cfg):
+        raise AssertionError("the text encoder was built just for the empty prompt")
+
+    monkeypatch.setattr(C, "build_text_encoder", no_encoder)
+    got = C.Frozen(cfg.text_encoder, None, torch.device("cpu"), empty_url=url).empty()
+    torch.testing.assert_close(got.hidden, ref.hidden.float().cpu())
+    assert got.mask.dtype == torch.bool and torch.equal(got.mask, ref.mask.cpu())
+    with pytest.raises(AssertionError, match="built just for the empty prompt"):  # no stored one: the encoder
+        C.Frozen(cfg.text_encoder, None, torch.device("cpu"), empty_url=str(out / "nope.safetensors")).empty()
 
 
 def test_manifest_lineage_caches_and_verify(source_ds, minilm_out):

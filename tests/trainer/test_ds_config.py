@@ -60,5 +60,39 @@ def test_the_ops_deepspeed_will_build_are_known_before_it_builds_them():
     from tessera.trainer.ds_config import ops_to_build
 
     assert ops_to_build(_render({}, cuda=False)) == []  # torch's AdamW on CPU: nothing to compile
-    assert ops_to_build(_render({})) == ["FusedAdamBuilder"]
+    assert ops_to_build(_render({})) == []  # CUDA: torch's fused AdamW, no JIT build
+    assert ops_to_build(_render({"fused_adam": "deepspeed"})) == ["FusedAdamBuilder"]
+    assert _render({})["optimizer"]["params"]["fused"] is True
+    assert "fused" not in _render({}, cuda=False)["optimizer"]["params"]
     assert ops_to_build(_render({"fused_adam": "off", "offload_optimizer": True})) == ["CPUAdamBuilder"]
+
+
+def test_zero1_where_the_states_fit_and_fp32_gradient_accumulation_under_bf16():
+    """``stage: auto`` takes the lowest stage whose model states fit half the device (ZeRO formulas); bf16 runs
+    accumulate gradients in fp32 and keep DeepSpeed's overflow check on."""
+    from tessera.trainer.ds_config import resolve_stage
+
+    ds = from_dict(DeepSpeedConfig, {}, "deepspeed")
+    gb = 1024**3
+    assert ds.stage == "auto"
+    assert resolve_stage(ds, 600_000_000, 8, "bf16", 80 * gb) == 1  # PixArt-size: 6 GB + 7.2 GB/8 fits easily
+    # 8B parameters: ZeRO-1 needs 32 + 96/8 = 44 GB > 40; ZeRO-2 needs 16 + 14 = 30 GB
+    assert resolve_stage(ds, 8_000_000_000, 8, "bf16", 80 * gb) == 2
+    assert resolve_stage(ds, 30_000_000_000, 8, "bf16", 80 * gb) == 3
+    assert resolve_stage(from_dict(DeepSpeedConfig, {"stage": 2}, "d"), 10, 8, "bf16", 80 * gb) == 2  # as set
+    out = _render({})
+    assert out["data_types"] == {"grad_accum_dtype": "fp32"} and out["bf16"]["check_grad_overflow"]
+    assert "data_types" not in _render({}, cuda=False)  # fp32: nothing to accumulate differently
+
+
+def test_the_deepspeed_floor_is_checked_at_start_up(monkeypatch):
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+
+    from tessera.trainer.engine import DEEPSPEED_FLOOR, require_deepspeed
+
+    require_deepspeed()  # the installed one has bf16.check_grad_overflow
+    fields = dict(DeepSpeedBF16Config.model_fields)
+    fields.pop("check_grad_overflow")
+    monkeypatch.setattr(DeepSpeedBF16Config, "model_fields", fields)
+    with pytest.raises(RuntimeError, match=f"deepspeed>={DEEPSPEED_FLOOR}"):
+        require_deepspeed()

@@ -136,11 +136,13 @@ def test_the_loop_logs_the_probe_on_two_ranks(tmp_path):
     enc = H.tiny_text_encoder(tmp_path / "enc")
     H.tiny_dataset(tmp_path / "ds")
     ovs = H.overrides(tmp_path, "probe", str(tmp_path / "ds"), enc,
-                      **{"train.total_samples": 64, "train.log_every_samples": 16, "cfg_dropout.p": 0.1})
+                      **{"train.total_samples": 64, "train.log_every_samples": 16, "cfg_dropout.p": 0.1,
+                         "probe.every_logs": 2})
     H.check(H.run_train(ovs, nproc=2))
     rows = H.metrics(tmp_path / "runs" / "probe")
     assert len(rows) == 4 and all("loss" in r for r in rows)  # merged into the log rows: one row per step
-    for r in rows:
+    assert ["probe/caption_gain" in r for r in rows] == [False, True, False, True]  # every 2nd log line
+    for r in rows[1::2]:
         assert all(math.isfinite(r[k]) for k in ("probe/caption_gain", "probe/uncond_gain", "probe/loss_own"))
         assert r["probe/caption_gain"] == pytest.approx(r["probe/loss_shuffled"] - r["probe/loss_own"], abs=1e-6)
         assert 0 < r["probe/loss_own"] < 10

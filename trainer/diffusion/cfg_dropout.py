@@ -44,7 +44,7 @@ class DroppedCond(NamedTuple):
     mask: torch.Tensor  # (B, L), 1 = real token
     pooled: torch.Tensor | None  # (B, P) or None
     dropped: torch.Tensor  # (B,) bool
-    n_dropped: int
+    n_dropped: torch.Tensor  # () int64, on the batch's device: counted without a host sync
 
 
 def _as_batch(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -85,7 +85,7 @@ def drop_tensors(
     mask = torch.where(drop[:, None], u_mask, mask)
     if pooled is not None:
         pooled = torch.where(drop[:, None], u_pooled, pooled)
-    return DroppedCond(hidden, mask, pooled, drop, int(drop.sum()))
+    return DroppedCond(hidden, mask, pooled, drop, drop.sum())
 
 
 def _fit_length(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,22 +94,28 @@ def _fit_length(hidden: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
     if n < length:
         hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - n))
         return hidden, torch.nn.functional.pad(mask, (0, length - n), value=0)
-    if n > length and bool(mask[:, length:].any()):
+    if n > length and bool(mask[:, length:].any()):  # once per length: drop_condition caches the result
         raise ValueError(f"the empty prompt has real tokens beyond the batch's {length} tokens")
     return hidden[:, :length], mask[:, :length]
 
 
 def drop_condition(
     cfg: CFGDropoutConfig, cond: Any, empty: Any | None, generator: rng.Gen = None
-) -> tuple[Any, int]:
-    """Dropout on an embedding object (``hidden``, ``mask``, ``pooled``); returns the new one and the count."""
+) -> tuple[Any, torch.Tensor | int]:
+    """Dropout on an embedding object (``hidden``, ``mask``, ``pooled``); returns the new one and the count (a
+    device tensor: reading it is left to the caller's logging step)."""
     if cfg.p == 0.0:
         return cond, 0
     kw: dict[str, Any] = {"pooled": cond.pooled, "generator": generator}
     if cfg.mode == "empty":
         if empty is None:
             raise ValueError("cfg_dropout.mode='empty' needs the empty prompt's embedding")
-        kw["empty_hidden"], kw["empty_mask"] = _fit_length(empty.hidden[:1], empty.mask[:1], cond.hidden.shape[1])
+        # length -> (hidden, mask), checked and cut once per embedding object (the check reads the mask on the host)
+        fitted = vars(empty).setdefault("_fitted", {}) if hasattr(empty, "__dict__") else {}
+        length = cond.hidden.shape[1]
+        if length not in fitted:
+            fitted[length] = _fit_length(empty.hidden[:1], empty.mask[:1], length)
+        kw["empty_hidden"], kw["empty_mask"] = fitted[length]
         kw["empty_pooled"] = None if empty.pooled is None else empty.pooled[:1]
     out = drop_tensors(cfg, cond.hidden, cond.mask, **kw)
     if dataclasses.is_dataclass(cond):

@@ -80,9 +80,16 @@ class DDPMObjective:
         self.cfg = cfg
         self.alphas_cumprod = schedules.alphas_cumprod(cfg.schedule).double()  # (T,)
         self.num_timesteps = cfg.schedule.num_train_timesteps
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """The schedule on ``device``, copied once (a copy per step would be a host sync on CUDA)."""
+        if device not in self._on:
+            self._on[device] = self.alphas_cumprod.to(device)
+        return self._on[device]
 
     def _coefs(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ab = self.alphas_cumprod.to(t.device)[t]
+        ab = self._table(t.device)[t]
         return _bcast(ab.sqrt(), x), _bcast((1 - ab).sqrt(), x)
 
     def noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ class DDPMObjective:
         pred = model_fn(self.noise(x0, eps, t), t.float(), cond)
         loss = _mse(pred, self.target(x0, eps, t))
         if self.cfg.min_snr_gamma is not None:
-            snr = schedules.snr(self.alphas_cumprod.to(t.device)[t])
+            snr = schedules.snr(self._table(t.device)[t])
             loss = loss * min_snr_weight(snr, self.cfg.min_snr_gamma, self.cfg.prediction).float()
         return loss, t.float() / (self.num_timesteps - 1)
 
