@@ -1,4 +1,4 @@
-"""``tessera data {ingest,precompute,inspect,verify}``; heavy imports happen inside the command functions."""
+"""``tessera data {ingest,precompute,condition,inspect,verify}``; heavy imports happen inside the command functions."""
 
 from __future__ import annotations
 
@@ -60,9 +60,25 @@ def add_precompute_command(data_subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_precompute)
 
 
+def _condition(args: argparse.Namespace) -> int:
+    """Run or resume a condition job from a config file plus overrides."""
+    from tessera.data_pipeline.condition import condition_command
+
+    return condition_command(args)
+
+
+def add_condition_command(data_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``tessera data condition`` (``--config``, ``--dry-run``, dotted overrides)."""
+    p = data_subparsers.add_parser("condition", help="derived dataset with control conditions (Canny edges, soft "
+                                                     "edges, colour layout, grayscale, depth, pose) per sample")
+    add_config_args(p, required=True, example="tessera data condition --config configs/data/condition_canny.yaml "
+                                              "source=runs/data/tiny output=runs/data/tiny_canny")
+    p.set_defaults(func=_condition)
+
+
 def add_commands(subparsers: argparse._SubParsersAction,
                  data_commands: Sequence[Callable[[argparse._SubParsersAction], None]] = ()) -> None:
-    """Add ``tessera data`` with its ``ingest``, ``precompute``, ``inspect`` and ``verify`` subcommands.
+    """Add ``tessera data`` with its ``ingest``, ``precompute``, ``condition``, ``inspect`` and ``verify`` subcommands.
 
     ``data_commands`` add more subcommands to the group from layers above this one (``tessera.cli`` passes
     ``recaption``'s), so the group is complete without ``data_pipeline`` importing them.
@@ -80,6 +96,7 @@ def add_commands(subparsers: argparse._SubParsersAction,
         add(sub)
 
     add_precompute_command(sub)
+    add_condition_command(sub)
 
     p = sub.add_parser("inspect", help="print totals, reject reasons, bucket histogram and sample captions")
     p.add_argument("dir", help="dataset directory or s3:// prefix")

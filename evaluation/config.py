@@ -100,6 +100,23 @@ class ColourSettings:
 
 
 @dataclass(kw_only=True)
+class ControlSettings:
+    """Control adherence (``evaluation/control.py``): a control model sampled with held-out conditions, scored by the
+    annotator that made them, beside the real images (ceiling) and the model at control scale 0 (floor)."""
+
+    enabled: bool = False
+    dataset: str | None = None  # a conditioned dataset (`tessera data condition`): prompts, conditions, real images
+    condition: str | None = None  # which of its conditions; None: its only one
+    n: int = 32  # the first n samples that carry the condition; the suite's prompts are their captions
+    scale: float | None = None  # the conditioning scale; None: the checkpoint's model.control.scale
+    floor: bool = True  # also sample at scale 0 (the base without control): a second set of images
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"control.n must be >= 1, got {self.n}")
+
+
+@dataclass(kw_only=True)
 class EvalSuiteConfig:
     """An evaluation suite: prompts, sampling, metrics and outputs, all pinned."""
 
@@ -113,6 +130,7 @@ class EvalSuiteConfig:
     rewards: list[RewardSettings] = field(default_factory=list)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     colour: ColourSettings = field(default_factory=ColourSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
     score_batch_size: int = 16  # images per scorer call
     output: str = "runs/eval"  # local dir or s3://bucket/prefix
     report: bool = True
@@ -132,6 +150,12 @@ class EvalSuiteConfig:
         if self.classifier.enabled and not self.classifier.path:
             raise ConfigError("classifier.path is required when classifier.enabled is true (a dir written by "
                               "`tessera train-classifier`)")
+        if self.control.enabled and not self.control.dataset:
+            raise ConfigError("control.dataset is required when control.enabled is true (a dataset made by "
+                              "`tessera data condition`)")
+        if self.control.enabled and self.classifier.enabled and self.classifier.prompts_from_labels:
+            raise ConfigError("control.enabled takes its prompts from the control set: set "
+                              "classifier.prompts_from_labels=false")
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> EvalSuiteConfig:

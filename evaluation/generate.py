@@ -123,7 +123,8 @@ def run_batch(gen: ImageGenerator, folder: ImageFolder, prompts: list[str], batc
               suite_seed: int) -> list[tuple[int, int, str]]:
     """Generate and store one batch; returns (prompt_idx, sample_idx, sha256) per image."""
     seeds = [image_seed(suite_seed, p, s) for p, s in batch]
-    images = gen([prompts[p] for p, _ in batch], seeds)
+    extra = {"prompt_idx": [p for p, _ in batch]} if getattr(gen, "takes_prompt_idx", False) else {}
+    images = gen([prompts[p] for p, _ in batch], seeds, **extra)
     if len(images) != len(batch):
         raise RuntimeError(f"generator returned {len(images)} images for a batch of {len(batch)}")
     return [(p, s, folder.write_image((p, s), img)) for (p, s), img in zip(batch, images)]
@@ -238,30 +239,43 @@ class SamplingSpec:
 
 
 class ModelGenerator:
-    """Per-image-seeded, batched sampling from an in-memory model (``trainer.inference.sample_seeded``)."""
+    """Per-image-seeded, batched sampling from an in-memory model (``trainer.inference.sample_seeded``); a control
+    model takes ``controls`` (PNG bytes of each prompt's condition, by prompt index) at ``control_scale``."""
 
-    def __init__(self, model, text_encoder, autoencoder, objective_cfg, spec: SamplingSpec, device=None) -> None:
+    takes_prompt_idx = True  # run_batch passes each image's prompt index (its condition)
+
+    def __init__(self, model, text_encoder, autoencoder, objective_cfg, spec: SamplingSpec, device=None,
+                 controls: list[bytes] | None = None, control_scale: float | None = None) -> None:
         import torch
 
         self.model, self.te, self.ae, self.obj_cfg, self.spec = model, text_encoder, autoencoder, objective_cfg, spec
         self.device = device or next(model.parameters()).device
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
+        self.controls, self.control_scale = controls, control_scale
 
-    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    def __call__(self, prompts: list[str], seeds: list[int], prompt_idx: list[int] | None = None) -> list[Image.Image]:
         from tessera.config import from_dict
         from tessera.trainer.diffusion.sampling import SamplerConfig
-        from tessera.trainer.inference import sample_seeded
+        from tessera.trainer.inference import from_pil, sample_seeded
 
         smp = from_dict(SamplerConfig, self.spec.sampler, "sampling spec")
+        control = None
+        if self.controls is not None:
+            size = (self.spec.width, self.spec.height)
+            control = from_pil([Image.open(io.BytesIO(self.controls[p])).convert("RGB").resize(size, Image.NEAREST)
+                                for p in prompt_idx])  # (B, 3, H, W) in [-1, 1]
         return sample_seeded(self.model, self.te, self.ae, smp, self.obj_cfg, prompts, seeds,
-                             height=self.spec.height, width=self.spec.width, device=self.device, dtype=self.dtype)
+                             height=self.spec.height, width=self.spec.width, device=self.device, dtype=self.dtype,
+                             control=control, control_scale=self.control_scale)
 
 
 class CheckpointFactory:
     """Picklable recipe (sent to Ray actors) that loads a checkpoint and returns a ``ModelGenerator``."""
 
-    def __init__(self, checkpoint: str, spec: SamplingSpec, use_ema: bool = True, device: str = "auto") -> None:
+    def __init__(self, checkpoint: str, spec: SamplingSpec, use_ema: bool = True, device: str = "auto",
+                 controls: list[bytes] | None = None, control_scale: float | None = None) -> None:
         self.checkpoint, self.spec, self.use_ema, self.device = checkpoint, spec, use_ema, device
+        self.controls, self.control_scale = controls, control_scale
 
     def __call__(self) -> ModelGenerator:
         from tessera.device import pick_device
@@ -269,4 +283,4 @@ class CheckpointFactory:
 
         device = pick_device(self.device)
         model, te, ae, obj_cfg, _, _ = load_for_sampling(self.checkpoint, use_ema=self.use_ema, device=device)
-        return ModelGenerator(model, te, ae, obj_cfg, self.spec, device)
+        return ModelGenerator(model, te, ae, obj_cfg, self.spec, device, self.controls, self.control_scale)

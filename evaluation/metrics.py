@@ -32,6 +32,7 @@ class MetricSet:
         self.cfg = cfg
         self._net = self._ref = self._clip = self._classifier = None
         self._scorers: list | None = None
+        self._control = self._ceiling = None
 
     def inception(self):
         """The FID network, loaded on first use."""
@@ -74,8 +75,30 @@ class MetricSet:
             self._classifier = load_classifier(self.cfg.classifier.path)
         return self._classifier
 
+    def control_set(self):
+        """The control set (``evaluation/control.py``), loaded on first use."""
+        return self.control_scorer().set
+
+    def control_scorer(self):
+        """The control set's annotator and scores, loaded on first use."""
+        if self._control is None:
+            from tessera.evaluation.control import ControlScorer, load_control_set
+
+            c = self.cfg.control
+            self._control = ControlScorer(load_control_set(c.dataset, c.condition, c.n))
+        return self._control
+
+    def control_ceiling(self) -> float:
+        """The control metric of the control set's real images (computed once)."""
+        if self._ceiling is None:
+            self._ceiling = self.control_scorer().ceiling()
+        return self._ceiling
+
     def prompts(self) -> list[str]:
-        """The suite's prompts: the classifier's label prompts when it asks for them, else ``prompts:``."""
+        """The suite's prompts: the control set's captions, the classifier's label prompts when it asks for them,
+        else ``prompts:``."""
+        if self.cfg.control.enabled:
+            return self.control_set().prompts
         if self.cfg.classifier.enabled and self.cfg.classifier.prompts_from_labels:
             clf = self.classifier()
             return label_prompts(clf.labels, clf.info.prompt_template)

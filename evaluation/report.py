@@ -157,6 +157,38 @@ def adherence_blocks(adherence: dict, title: str = "") -> list:
     return out
 
 
+def control_blocks(cfg: EvalSuiteConfig, results: list[dict]) -> list:
+    """Control adherence of every checkpoint beside the floor (scale 0: the base) and the ceiling (real images),
+    then condition | generated | no control | real for the first prompts."""
+    rows = [(r, r["adherence"]["control"]) for r in results if (r.get("adherence") or {}).get("control")]
+    if not rows:
+        return []
+    c0 = rows[0][1]
+    better = "higher" if c0["higher_is_better"] else "lower"
+    out = [R.el("h2", f"Control adherence ({c0['condition']}: {c0['metric']}, {better} is better)"),
+           R.el("p", f"The annotator ({c0['annotator']['name']}) run on each generated image and compared with the "
+                     "condition it was generated from. Floor: the same checkpoint at control scale 0 (its base "
+                     "model). Ceiling: the real images against their own conditions.", class_="muted"),
+           R.table(["checkpoint", "generated", "floor (no control)", "ceiling (real)", "images"],
+                   [[r["label"], f"{c['value']:.4f}", "" if c.get("floor") is None else f"{c['floor']:.4f}",
+                     f"{c['ceiling']:.4f}", c["n"]] for r, c in rows])]
+    from tessera.evaluation.control import read_control_image
+
+    n_prompts = max(row["prompt_idx"] for row in rows[0][0]["per_image"]) + 1
+    for p in range(min(cfg.report_max_prompts, n_prompts)):
+        row = [R.el("span", f"{p}")]
+        row.append(R.img(R.image_data_uri(read_control_image(cfg.output, "condition", p), THUMBNAIL), title="condition"))
+        for r, c in rows:
+            row.append(R.img(R.image_data_uri(ImageFolder(r["folder"]).read_image((p, 0)), THUMBNAIL),
+                             title=f"{r['label']} generated"))
+            if c.get("floor_folder"):
+                row.append(R.img(R.image_data_uri(ImageFolder(c["floor_folder"]).read_image((p, 0)), THUMBNAIL),
+                                 title=f"{r['label']} no control"))
+        row.append(R.img(R.image_data_uri(read_control_image(cfg.output, "real", p), THUMBNAIL), title="real"))
+        out.append(R.el("div", *row, class_="row"))
+    return out
+
+
 def adherence_section(results: list[dict]) -> list:
     """Prompt adherence of every checkpoint (empty when the suite measures none)."""
     blocks = [b for r in results for b in adherence_blocks(r.get("adherence") or {}, f"{r['label']}: ")]
@@ -185,7 +217,7 @@ def render_report(cfg: EvalSuiteConfig, prompts: list[str], results: list[dict])
         R.el("p", f"{len(results)} checkpoint(s), {len(prompts)} prompts, config hash ",
              R.el("code", config_hash(cfg)[:16]), f", {time.strftime('%Y-%m-%d %H:%M:%S')}"),
         R.el("h2", "Metrics"), metrics_table(results, names), *metric_plots(results, names),
-        *adherence_section(results),
+        *adherence_section(results), *control_blocks(cfg, results),
         R.el("h2", "Samples by prompt"), *sample_rows(cfg, prompts, results),
         R.el("h2", "Reference statistics"),
         R.el("pre", json.dumps(ref, indent=1, default=str)) if ref else R.el("p", "FID disabled."),

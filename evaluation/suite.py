@@ -19,7 +19,8 @@ from tessera.config import ConfigError, config_hash, to_dict
 from tessera.evaluation.checkpoints import (CheckpointInfo, checkpoint_info, unique_labels, weights_sha256,
                                             weights_used)
 from tessera.evaluation.config import EvalSuiteConfig, resolve_spec
-from tessera.evaluation.generate import CheckpointFactory, ImageFolder, Item, generate_missing, work_items
+from tessera.evaluation.generate import (CheckpointFactory, ImageFolder, Item, generate_missing, png_bytes,
+                                         work_items)
 from tessera.evaluation.images import FolderSource
 from tessera.evaluation.metrics import MetricSet
 from tessera.evaluation.prompts import prompts_sha256
@@ -53,9 +54,15 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
     p_sha = prompts_sha256(prompts)
     identity = {"weights": used, "weights_sha256": weights_sha[used], "spec": to_dict(spec), "seed": s.seed,
                 "prompts_sha256": p_sha}
+    controls = None
+    if cfg.control.enabled:  # the control set's conditions, one per prompt; the scale is part of what images depend on
+        cset = metric_set.control_set()
+        controls = [png_bytes(c) for c in cset.conditions]
+        identity["control"] = {"dataset_manifest_sha256": cset.manifest_sha256, "condition": cset.condition,
+                               "scale": cfg.control.scale}
     gen_key = config_hash(identity)
     folder = ImageFolder(storage.join(cfg.output, label, f"gen-{gen_key[:12]}"))
-    factory = CheckpointFactory(info.url, spec, s.use_ema, s.device)
+    factory = CheckpointFactory(info.url, spec, s.use_ema, s.device, controls, cfg.control.scale)
     gen_stats = generate_missing(folder, prompts, s.images_per_prompt, s.seed, factory, batch_size=s.batch_size,
                                  distribute=cfg.distribute, identity=identity)
     log.info("%s: %d images (%d generated, %d reused)", label, gen_stats["total"], gen_stats["generated"],
@@ -64,6 +71,9 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
     with tempfile.TemporaryDirectory(prefix="tessera-eval-") as tmp:
         metrics, per_image, ref, adherence = metric_set.evaluate(items_source(folder, items, Path(tmp)), items,
                                                                  folder.read_image, prompts)
+    if cfg.control.enabled:
+        adherence["control"] = control_adherence(cfg, info, label, identity, factory, items, folder, metric_set,
+                                                 prompts, per_image, metrics)
     return {
         "label": label, "folder": folder.url,
         "checkpoint": {"given": info.given, "url": info.url, "kind": info.kind, "step": info.step,
@@ -75,6 +85,33 @@ def evaluate_checkpoint(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, 
     }
 
 
+def control_adherence(cfg: EvalSuiteConfig, info: CheckpointInfo, label: str, identity: dict, factory, items: list,
+                      folder: ImageFolder, metric_set: MetricSet, prompts: list[str], per_image: list[dict],
+                      metrics: dict) -> dict:
+    """The control metric of the generated images, of the same checkpoint at control scale 0 (the floor: sampled
+    into a folder of its own) and of the real images (the ceiling); per-image column ``control/<metric>``."""
+    scorer = metric_set.control_scorer()
+    m, idx = scorer.metric, [p for p, _ in items]
+    for row, sc in zip(per_image, scorer.scores([folder.read_image(it) for it in items], idx)):
+        row[f"control/{m}"] = sc[m]
+    out = {"metric": m, "higher_is_better": scorer.higher_is_better, "condition": scorer.set.condition,
+           "annotator": to_dict(scorer.set.annotator), "n": len(items),
+           "value": sum(r[f"control/{m}"] for r in per_image) / len(per_image), "ceiling": metric_set.control_ceiling()}
+    if cfg.control.floor:
+        floor_id = dict(identity, control=dict(identity["control"], scale=0.0))
+        floor = ImageFolder(storage.join(cfg.output, label, f"gen-{config_hash(floor_id)[:12]}"))
+        factory.control_scale = 0.0
+        generate_missing(floor, prompts, cfg.sampling.images_per_prompt, cfg.sampling.seed, factory,
+                         batch_size=cfg.sampling.batch_size, distribute=cfg.distribute, identity=floor_id)
+        out["floor"] = scorer.mean([floor.read_image(it) for it in items], idx)
+        out["floor_folder"] = floor.url
+    metrics.update({f"control/{m}": out["value"], f"control/{m}_ceiling": out["ceiling"]})
+    if "floor" in out:
+        metrics[f"control/{m}_floor"] = out["floor"]
+    log.info("%s: control %s %.4f (floor %s, ceiling %.4f)", label, m, out["value"], out.get("floor"), out["ceiling"])
+    return out
+
+
 def run_suite(cfg: EvalSuiteConfig, checkpoints: list[str]) -> dict:
     """Evaluate every checkpoint; write per-checkpoint and combined metrics.json, the report and W&B."""
     cfg.check()
@@ -82,7 +119,11 @@ def run_suite(cfg: EvalSuiteConfig, checkpoints: list[str]) -> dict:
     if not checkpoints:
         raise ConfigError("no --checkpoint given")
     metric_set = MetricSet(cfg)
-    prompts = metric_set.prompts()  # the classifier's label prompts, or the suite's prompt set
+    prompts = metric_set.prompts()  # the control set's captions, the classifier's label prompts, or the prompt set
+    if cfg.control.enabled:
+        from tessera.evaluation.control import write_control_images
+
+        write_control_images(metric_set.control_set(), cfg.output)  # condition | generated | real in the report
     infos = [checkpoint_info(c) for c in checkpoints]
     results = [evaluate_checkpoint(cfg, info, label, prompts, metric_set)
                for info, label in zip(infos, unique_labels(infos))]

@@ -32,8 +32,15 @@ def add_commands(sub, make_hooks=None) -> None:
     s.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at noise levels in [LO, HI] (0 clean .. 1 noise); default: the checkpoint's")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | euler_discrete | edm_heun")
+    s.add_argument("--sampler", default=None,
+                   help="ddpm | ddim | dpmpp_2m | euler | euler_discrete | edm_heun | euler_uniform | lcm")
     s.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
+    s.add_argument("--control", action="append", default=None, metavar="IMAGE",
+                   help="control models: the condition image (e.g. a Canny edge map) for every prompt, or repeat it "
+                        "once per prompt; the sample size defaults to the image's")
+    s.add_argument("--control-scale", type=float, default=None, metavar="S",
+                   help="conditioning scale of the control branch (default: the checkpoint's model.control.scale; "
+                        "0: the base model)")
     s.add_argument("--out", required=True, help="output PNG path")
     s.set_defaults(func=cmd_sample)
 
@@ -114,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     sample_from(args.checkpoint, args.prompt, out=args.out, height=args.height, width=args.width, steps=args.steps,
                 cfg_scale=args.cfg, seed=args.seed, sampler=args.sampler, use_ema=not args.raw,
-                guidance_interval=args.guidance_interval)
+                guidance_interval=args.guidance_interval, control=args.control, control_scale=args.control_scale)
     print(args.out)
     return 0
 

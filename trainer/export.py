@@ -1,7 +1,9 @@
 """``tessera export``: EMA and raw weights as safetensors + config.json, plus ``tessera.json`` to sample them.
 
-A fine-tuning checkpoint's ``model.safetensors`` already holds the merged model; its LoRA adapter (``lora/``,
-PEFT's format) is exported next to it, so the adapter ships on its own too.
+A sharded training checkpoint is consolidated offline (``trainer/consolidate.py``: each weight set assembled
+from the ranks' shards with ranged reads, no process group). A LoRA fine-tuning checkpoint's
+``model.safetensors`` already holds the merged model; its adapter (``lora/``, PEFT's format) is exported next
+to it, so the adapter ships on its own too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from tessera import storage
 from tessera.config import to_dict
 from tessera.trainer import checkpoint as C
+from tessera.trainer import consolidate
 from tessera.trainer.inference import EXPORT_FORMAT, job_config, model_from_weights, resolve_checkpoint
 from tessera.trainer.models import save_pretrained
 
@@ -31,6 +34,11 @@ def write_export(out: str, cfg, variants: dict[str, dict[str, torch.Tensor]], *,
     with tempfile.TemporaryDirectory() as tmp:
         for name, weights in variants.items():
             model = model_from_weights(cfg.model, weights, torch.device("cpu"))
+            if cfg.model.control is not None:  # a control branch: its own tensors; the base is model.init_from's
+                from tessera.trainer.models.control import branch_weights
+
+                C.write_tensors(storage.join(out, name, "model.safetensors"), branch_weights(model))
+                continue
             save_pretrained(model, Path(tmp) / name)
             for f in sorted((Path(tmp) / name).iterdir()):
                 storage.write_bytes(storage.join(out, name, f.name), f.read_bytes())
@@ -39,7 +47,7 @@ def write_export(out: str, cfg, variants: dict[str, dict[str, torch.Tensor]], *,
             "model": to_dict(cfg.model), "text_encoder": to_dict(cfg.text_encoder),
             "autoencoder": to_dict(cfg.autoencoder), "objective": to_dict(cfg.objective),
             "sampler": to_dict(cfg.samples.sampler), "sample_size": [cfg.samples.height, cfg.samples.width],
-            **(extra or {})}
+            **({"control": True} if cfg.model.control is not None else {}), **(extra or {})}
     storage.write_text(storage.join(out, "tessera.json"), json.dumps(meta, indent=1))
     return out
 
@@ -52,9 +60,7 @@ def export(checkpoint: str, out: str) -> str:
         raise ValueError(f"{checkpoint} is already an export")
     cfg = job_config(url)
     state = C.read_json(storage.join(url, "trainer_state.json"))
-    variants = {"raw": C.read_tensors(storage.join(url, "model.safetensors"))}
-    if storage.exists(storage.join(url, "ema.safetensors")):
-        variants["ema"] = C.read_tensors(storage.join(url, "ema.safetensors"))
+    variants = {v: consolidate.read_weights(url, name) for v, name in consolidate.weight_sets(url).items()}
     extra = {}
     adapter = storage.join(url, ADAPTER_DIR)
     for u in storage.list_prefix(adapter + "/") if storage.exists(storage.join(adapter, "adapter_config.json")) else []:

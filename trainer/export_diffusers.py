@@ -65,6 +65,59 @@ def diffusers_model(model) -> tuple[str, torch.nn.Module]:
     return "transformer", ref.eval()
 
 
+# --------------------------------------------------------------------------- control branches
+
+
+def diffusers_controlnet(model) -> tuple[str, torch.nn.Module]:
+    """(subfolder, diffusers ControlNet holding a control model's branch): the UNet's is diffusers'
+    ``ControlNetModel`` itself; the MMDiT's maps onto ``SD3ControlNetModel`` with the SD3 key table; PixArt's
+    ControlNet-Transformer has no diffusers class (raises ``NotMappable``)."""
+    import dataclasses
+
+    import diffusers
+
+    if model.family == "unet":
+        return "controlnet", model.control
+    if model.family != "mmdit":
+        raise NotMappable("diffusers has no class for PixArt's ControlNet-Transformer (PixArt-δ ships its own code, "
+                          "not in diffusers); the branch stays in Tessera's format")
+    cfg, n = model.config, len(model.control.blocks)
+    why = sd3.diffusers_unsupported(cfg)
+    if why:
+        raise NotMappable(f"Tessera mmdit with {'; '.join(why)} has no SD3ControlNetModel equivalent")
+    with torch.device("meta"):
+        ref = diffusers.SD3ControlNetModel(**dict(sd3.to_diffusers_config(cfg), num_layers=n))
+    ours = model.control.state_dict()
+    # The branch's blocks are full joint blocks (none text-only-output): the table of a base one block deeper.
+    table = [r for r in sd3.rules(dataclasses.replace(cfg, depth=n + 1)) if r.ours in ours]
+    table += keys.linear("input_embedder", "pos_embed_input.proj", "conv")
+    for i in range(n):
+        table += keys.linear(f"controlnet_blocks.{i}", f"controlnet_blocks.{i}")
+    sd = keys.invert(table, ours, {k: v.shape for k, v in ref.state_dict().items()})
+    sd.update(sd3.derived_buffers(cfg))
+    ref.load_state_dict({k: v.detach().clone().contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    return "controlnet", ref.eval()
+
+
+def export_control(source: str, meta: dict, variant: str, out: Path) -> list[str]:
+    """A control export's branch as the diffusers ControlNet class of its family (``controlnet/``), beside Tessera's
+    format (which ``tessera sample`` reads with the base ``model.init_from`` names); returns the notes."""
+    from tessera.config import from_dict
+    from tessera.trainer import checkpoint as C
+    from tessera.trainer.config import ModelConfig
+    from tessera.trainer.inference import model_from_weights
+
+    model = model_from_weights(from_dict(ModelConfig, meta["model"], f"{source}/tessera.json"),
+                               C.read_tensors(storage.join(source, variant, "model.safetensors")), torch.device("cpu"))
+    try:
+        sub, ref = diffusers_controlnet(model)
+    except NotMappable as e:
+        return [f"no diffusers ControlNet: {e}"]
+    ref.save_pretrained(out / sub, safe_serialization=True)
+    return [f"{sub}/ loads with diffusers' {type(ref).__name__}.from_pretrained(out, subfolder={sub!r}); its base is "
+            f"{meta['model']['init_from']} (export that for the pipeline's {'unet' if model.family == 'unet' else 'transformer'})"]
+
+
 # --------------------------------------------------------------------------- scheduler and pipeline
 
 
@@ -93,7 +146,10 @@ def scheduler_for(objective, sampler) -> tuple[str, dict]:
                  "ddpm": ("DDPMScheduler", dict(common, clip_sample=False, **spacing)),
                  "euler_discrete": ("EulerDiscreteScheduler", dict(common, **spacing)),
                  "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(common, algorithm_type="dpmsolver++", solver_order=2,
-                                                                  lower_order_final=True))}
+                                                                  lower_order_final=True)),
+                 # a distilled consistency student (tessera distill, method lcm): LCM's grid and boundary scalings
+                 "lcm": ("LCMScheduler", dict(common, clip_sample=False, original_inference_steps=sampler.lcm_origin_steps,
+                                              timestep_scaling=10.0))}
         if sampler.name in table:
             return table[sampler.name]
     raise NotMappable(f"sampler {sampler.name!r} for objective {objective.name!r} has no diffusers scheduler here")
@@ -224,6 +280,14 @@ def export_diffusers(source: str, out: str, *, components: str = "path", use_ema
         raise ValueError("--format diffusers writes a local folder (diffusers' save_pretrained); copy it afterwards")
     meta = json.loads(storage.read_text(storage.join(source, "tessera.json")))
     variant = "ema" if use_ema and "ema" in meta["variants"] else "raw"
+    if meta.get("control"):  # a control branch: diffusers' ControlNet class, and Tessera's format beside it
+        notes = export_control(source, meta, variant, Path(out))
+        notes.append("wrote Tessera's format too (ema/, raw/, tessera.json): `tessera sample --checkpoint --control` "
+                     "reads it")
+        _copy_tessera_export(source, out, components)
+        for n in notes:
+            log.warning("export: %s", n)
+        return notes
     with tempfile.TemporaryDirectory() as tmp:
         for u in storage.list_prefix(storage.join(source, variant) + "/"):
             (Path(tmp) / Path(u).name).write_bytes(storage.read_bytes(u))

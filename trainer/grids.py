@@ -12,7 +12,7 @@ from typing import Callable
 
 from tessera import storage
 from tessera.trainer.zero_state import gather_to_rank0
-from tessera.trainer.inference import generate, make_grid, model_from_weights, png_bytes
+from tessera.trainer.inference import generate, load_condition, make_grid, model_from_weights, png_bytes
 
 log = logging.getLogger("tessera.sample")
 
@@ -41,9 +41,12 @@ def log_sample_grid(cfg, ema, frags, frozen, tracker, run, step: int, rank: int,
         return
     sc = cfg.samples
     model = model_from_weights(cfg.model, weights, device)
+    # A control run's grid: each prompt with its condition image, shown above the image.
+    conds = [load_condition(u, (sc.height, sc.width)) for u in sc.control_images] or None
     images = generate(model, frozen.text, frozen.ae, sc.sampler, cfg.objective, list(sc.prompts), height=sc.height,
-                      width=sc.width, seed=sc.seed, device=device)
-    grid = make_grid(images, list(sc.prompts), scale=max(1, 96 // max(sc.height, 1)))
+                      width=sc.width, seed=sc.seed, device=device, controls=conds)
+    tiles, caps = (conds + images, ["condition"] * len(conds) + list(sc.prompts)) if conds else (images, sc.prompts)
+    grid = make_grid(tiles, list(caps), ncols=len(images) if conds else None, scale=max(1, 96 // max(sc.height, 1)))
     storage.write_bytes(run.path("samples", f"step_{step:09d}.png"), png_bytes(grid))
     tracker.log_images("samples/ema" if ema is not None else "samples/raw", images, list(sc.prompts), step=step)
     log.info("sample grid for step %d written", step)

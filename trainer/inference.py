@@ -23,6 +23,7 @@ from tessera import storage
 from tessera.config import from_dict, load_config
 from tessera.device import pick_device
 from tessera.trainer import checkpoint as C
+from tessera.trainer import consolidate
 from tessera.trainer.autoencoders import AutoencoderConfig, build_autoencoder
 from tessera.trainer.diffusion.guidance import cat_cond, guidance_on, guided_output
 from tessera.trainer.diffusion.objectives import ObjectiveConfig
@@ -49,6 +50,14 @@ def grid_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def from_pil(images: list[Image.Image]) -> torch.Tensor:
+    """8-bit images of one size -> (B, 3, H, W) in [-1, 1] (the loader's scale)."""
+    import numpy as np
+
+    u8 = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (B, H, W, 3)
+    return u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> 8-bit RGB images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -58,12 +67,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def sample_seeded(model, text_encoder, autoencoder, sampler_cfg: SamplerConfig, objective_cfg: ObjectiveConfig,
                   prompts: list[str], seeds: list[int], *, height: int, width: int, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> list[Image.Image]:
+                  dtype: torch.dtype = torch.float32, control: torch.Tensor | None = None,
+                  control_scale: float | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), in one batched forward per step.
 
     Each image gets its own sampler instance (samplers keep per-run state such as multistep history) and
     its own CPU generator for x_T and stochastic steps, so the result does not depend on which other
-    images share its batch.
+    images share its batch. A control model takes ``control``, one condition image per prompt (B, 3, height,
+    width) in [-1, 1], at ``control_scale`` (None: the model's configured scale; 0: the base model).
     """
     f = autoencoder.downsample_factor
     if height % f or width % f:
@@ -80,10 +91,13 @@ def sample_seeded(model, text_encoder, autoencoder, sampler_cfg: SamplerConfig, 
     x = torch.cat([torch.randn(shape1, generator=g, dtype=torch.float32) for g in gens]).to(device)  # (B, C, h, w)
     x = x * samplers[0].init_noise_sigma
 
+    ctrl = control_kwargs(model, autoencoder, control, control_scale, device)
+
     def model_fn(xx, t, c):
+        kw = ctrl(xx.shape[0])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model(xx.to(dtype), t, c.hidden.to(dtype), c.mask,
-                         None if c.pooled is None else c.pooled.to(dtype)).float()
+                         None if c.pooled is None else c.pooled.to(dtype), **kw).float()
 
     for t in samplers[0].timesteps:
         x_in, t_model = samplers[0].model_input(x, t)  # every sampler sits at the same step
@@ -95,17 +109,46 @@ def sample_seeded(model, text_encoder, autoencoder, sampler_cfg: SamplerConfig, 
     return to_pil(autoencoder.decode(x))  # decode: (B, C, h, w) -> (B, 3, H, W)
 
 
+def control_kwargs(model, autoencoder, control: torch.Tensor | None, scale: float | None, device: torch.device):
+    """``n -> model kwargs`` of a sampling call: the condition in the branch's input space, repeated when CFG
+    doubles the batch (diffusers' pipelines also condition both halves), and the scale; {} without control."""
+    if control is None:
+        return lambda n: {}
+    from tessera.trainer.components import control_tensor
+
+    if not hasattr(model, "input_space"):
+        raise ValueError("a control image was given, but this checkpoint has no control branch (model.control)")
+    x = control_tensor(control, model.input_space, autoencoder, device)  # (B, ...)
+    return lambda n: {"control": x.repeat(n // x.shape[0], *[1] * (x.dim() - 1)), "control_scale": scale}
+
+
 def generate(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, prompts: list[str], *, height: int,
              width: int, seed: int, device: torch.device, dtype: torch.dtype = torch.float32,
-             batch_size: int = 16) -> list[Image.Image]:
-    """Images for ``prompts`` (one each); image ``i`` is seeded by ``grid_seed(seed, i)``."""
+             batch_size: int = 16, controls: list[Image.Image] | None = None,
+             control_scale: float | None = None) -> list[Image.Image]:
+    """Images for ``prompts`` (one each); image ``i`` is seeded by ``grid_seed(seed, i)``; ``controls``: a control
+    model's condition image for each prompt, at ``height`` x ``width``."""
+    if controls is not None and len(controls) != len(prompts):
+        raise ValueError(f"{len(controls)} control images for {len(prompts)} prompts")
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         seeds = [grid_seed(seed, i + k) for k in range(len(chunk))]
+        ctl = None if controls is None else from_pil(controls[i:i + batch_size])
         out += sample_seeded(model, text_encoder, autoencoder, sampler_cfg, objective_cfg, chunk, seeds,
-                             height=height, width=width, device=device, dtype=dtype)
+                             height=height, width=width, device=device, dtype=dtype, control=ctl,
+                             control_scale=control_scale)
     return out
+
+
+def load_condition(url: str, size: tuple[int, int] | None) -> Image.Image:
+    """A condition image (local or s3://) as RGB, resized to ``size`` (h, w) with nearest-neighbour (an edge map
+    stays binary) when it differs."""
+    img = Image.open(io.BytesIO(storage.read_bytes(url)))
+    img = img.convert("RGB")
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.NEAREST)
+    return img
 
 
 def make_grid(images: list[Image.Image], captions: list[str] | None = None, ncols: int | None = None,
@@ -135,10 +178,15 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def model_from_weights(model_cfg, weights: dict[str, torch.Tensor], device: torch.device):
-    """A plain (non-DeepSpeed) model with the given full weights, for sampling and export."""
-    model = model_cfg.build()
+    """A plain (non-DeepSpeed) model with the given full weights, for sampling and export. A control model's weights
+    are its branch's: its frozen base is ``init_from``'s, checked against the fingerprint the weights carry."""
+    control = model_cfg.control is not None
+    model = model_cfg.build(init=control)  # these weights replace init_from's, except for a control model's base
     missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("buffer/")},
                                                 strict=False)
+    if control:
+        missing = [k for k in missing if not k.startswith("base.") and k != "base_fingerprint"]
+        model.check_base(weights.get("buffer/base_fingerprint"), "the control branch's weights")
     if missing or unexpected:
         raise KeyError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval()
@@ -173,11 +221,13 @@ def job_config(ckpt_url: str):
 
 
 def sampling_weights(kind: str, url: str, use_ema: bool = True) -> str:
-    """The weight file ``load_for_sampling`` reads, relative to ``url``: EMA when asked for and present, else raw."""
+    """The weights ``load_for_sampling`` reads: EMA when asked for and present, else raw. For an export a file
+    relative to ``url``; for a checkpoint a weight set as ``consolidate.weight_sets`` names it (a file, or
+    ``ema``/``raw`` assembled from the shards)."""
     if kind == "export":
         meta = C.read_json(storage.join(url, "tessera.json"))
         return f"{'ema' if use_ema and 'ema' in meta['variants'] else 'raw'}/model.safetensors"
-    return "ema.safetensors" if use_ema and storage.exists(storage.join(url, "ema.safetensors")) else "model.safetensors"
+    return consolidate.pick(url, use_ema)
 
 
 def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.device | None = None):
@@ -189,11 +239,17 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
     if kind == "export":
         meta = json.loads(storage.read_text(storage.join(url, "tessera.json")))
         variant = sampling_weights(kind, url, use_ema).split("/")[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            for u in storage.list_prefix(storage.join(url, variant) + "/"):
-                (Path(tmp) / Path(u).name).write_bytes(storage.read_bytes(u))
-            model = load_pretrained(tmp).to(device).eval()
         src = f"{url}/tessera.json"
+        if meta.get("control"):  # a control export: the branch's weights; the frozen base is named by model.init_from
+            from tessera.trainer.config import ModelConfig
+
+            weights = C.read_tensors(storage.join(url, sampling_weights(kind, url, use_ema)))
+            model = model_from_weights(from_dict(ModelConfig, meta["model"], src), weights, device)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                for u in storage.list_prefix(storage.join(url, variant) + "/"):
+                    (Path(tmp) / Path(u).name).write_bytes(storage.read_bytes(u))
+                model = load_pretrained(tmp).to(device).eval()
         te_cfg = from_dict(TextEncoderConfig, meta["text_encoder"], src)
         ae_cfg = from_dict(AutoencoderConfig, meta["autoencoder"], src)
         obj_cfg = from_dict(ObjectiveConfig, meta["objective"], src)
@@ -202,7 +258,7 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
     else:
         cfg = job_config(url)
         name = sampling_weights(kind, url, use_ema)
-        model = model_from_weights(cfg.model, C.read_tensors(storage.join(url, name)), device)
+        model = model_from_weights(cfg.model, consolidate.read_weights(url, name), device)  # offline, any world
         te_cfg, ae_cfg, obj_cfg, smp_cfg = cfg.text_encoder, cfg.autoencoder, cfg.objective, cfg.samples.sampler
         size = (cfg.samples.height, cfg.samples.width)
     ae = build_autoencoder(ae_cfg)
@@ -212,14 +268,27 @@ def load_for_sampling(checkpoint: str, use_ema: bool = True, device: torch.devic
 
 def sample_from(checkpoint: str, prompts: list[str], *, out: str, height: int | None = None, width: int | None = None,
                 steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, sampler: str | None = None,
-                use_ema: bool = True, guidance_interval: list[float] | None = None) -> None:
-    """``tessera sample``: a captioned grid PNG of one image per prompt."""
+                use_ema: bool = True, guidance_interval: list[float] | None = None, control: list[str] | None = None,
+                control_scale: float | None = None) -> None:
+    """``tessera sample``: a captioned grid PNG of one image per prompt; a control model takes ``control``, one
+    condition image for every prompt or one per prompt (the grid then shows each condition above its image)."""
     model, te, ae, obj_cfg, smp_cfg, (h0, w0) = load_for_sampling(checkpoint, use_ema)
+    if control:
+        if len(control) not in (1, len(prompts)):
+            raise ValueError(f"--control: give one image for every prompt or one per prompt ({len(prompts)}), "
+                             f"got {len(control)}")
+        first = load_condition(control[0], None)
+        h0, w0 = (height or first.height, width or first.width)  # the sample size defaults to the condition's
+        conds = [load_condition(u, (h0, w0)) for u in control]
+        conds = conds * len(prompts) if len(conds) == 1 else conds
     over = {"steps": steps, "cfg_scale": cfg_scale, "name": sampler,
             "guidance_interval": None if guidance_interval is None else list(guidance_interval)}
     smp_cfg = dataclasses.replace(smp_cfg, **{k: v for k, v in over.items() if v is not None})
     device = next(model.parameters()).device
     images = generate(model, te, ae, smp_cfg, obj_cfg, prompts, height=height or h0, width=width or w0, seed=seed,
-                      device=device)
-    grid = make_grid(images, prompts, scale=max(1, 128 // max(height or h0, 1)))
+                      device=device, controls=conds if control else None, control_scale=control_scale)
+    if control:
+        images, prompts = conds + images, ["condition"] * len(conds) + list(prompts)
+    grid = make_grid(images, prompts, ncols=len(images) // 2 if control else None,
+                     scale=max(1, 128 // max(height or h0, 1)))
     storage.write_bytes(out, png_bytes(grid))

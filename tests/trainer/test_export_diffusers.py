@@ -55,8 +55,10 @@ def _pixart_section(tmp_path, **layout):
 
 @pytest.mark.parametrize("objective, sampler", [({"name": "ddpm"}, {"name": "dpmpp_2m", "steps": 5, "cfg_scale": 3.0}),
                                                 ({"name": "flow", "flow": {"shift": 2.0}},
-                                                 {"name": "dpmpp_2m", "steps": 4, "cfg_scale": 2.0})],
-                         ids=["eps-dpmsolver", "flow-dpmsolver"])
+                                                 {"name": "dpmpp_2m", "steps": 4, "cfg_scale": 2.0}),
+                                                ({"name": "ddpm", "ddpm": {"prediction": "v"}},
+                                                 {"name": "lcm", "steps": 3, "cfg_scale": 1.0, "lcm_origin_steps": 20})],
+                         ids=["eps-dpmsolver", "flow-dpmsolver", "v-lcm"])
 def test_pipeline_draws_the_image_tessera_samples(tmp_path, objective, sampler):
     from diffusers import DiffusionPipeline
 

@@ -24,6 +24,9 @@ class LoaderConfig:
     use_precomputed: bool = True  # use latents / text embeddings for the ids below when configured
     text_encoder_id: str | None = None  # KEY.emb.<id>.<variant>.safetensors
     autoencoder_id: str | None = None  # KEY.latent.<id>.safetensors replaces the image
+    # Control conditions each sample carries (KEY.cond.<name>.png, `tessera data condition`); batches get
+    # batch["cond"][name]. A training config with model.control adds its condition here.
+    conditions: list[str] = field(default_factory=list)
     prefetch_factor: int = 2  # batches in flight per worker
     drop_invalid: bool = True  # False: raise on the first bad sample or corrupt shard (debugging)
     epochs: int | None = None  # None: iterate forever; else stop after this epoch count

@@ -61,7 +61,8 @@ def _spec(cfg: LoaderConfig, text_encoder_id: str | None, autoencoder_id: str | 
     fallback = cfg.variant_fallback_order or sorted(cfg.caption_variants, key=lambda v: -cfg.caption_variants[v])
     return SampleSpec(seed=cfg.seed, variants=list(ratios), cum_ratios=cum, fallback=list(fallback),
                       text_encoder_id=cfg.text_encoder or (text_encoder_id if cfg.use_precomputed else None),
-                      autoencoder_id=cfg.autoencoder or (autoencoder_id if cfg.use_precomputed else None))
+                      autoencoder_id=cfg.autoencoder or (autoencoder_id if cfg.use_precomputed else None),
+                      conditions=list(cfg.conditions))
 
 
 def planner_for(cfg: LoaderConfig, catalog: Catalog, layout: Layout) -> Planner:

@@ -1,6 +1,9 @@
 """Turning resolved samples into batch tensors: caption variant choice, decoding, collation.
 
-Shard members are decoded as images (PIL), UTF-8 text, JSON and safetensors only: never pickles.
+Shard members are decoded as images (PIL), UTF-8 text, JSON and safetensors only: never pickles. Control
+conditions (``KEY.cond.<name>.png``, written by ``tessera data condition``) come with their sample: a missing one
+makes the sample a counted hole (``missing_condition``); one whose size is not its bucket's is an error naming the
+key (a condition must share its image's bucket, so that would be a broken dataset, not a bad sample).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class SampleSpec:
     fallback: list[str]  # order tried after the chosen variant
     text_encoder_id: str | None  # load KEY.emb.<id>.<variant>.safetensors
     autoencoder_id: str | None  # load KEY.latent.<id>.safetensors instead of decoding the image
+    conditions: list[str] = field(default_factory=list)  # load KEY.cond.<name>.png for each name
+
+
+class ConditionSizeError(ValueError):
+    """A control condition whose size differs from its sample's bucket."""
 
 
 @dataclass
@@ -96,6 +104,24 @@ def _pick_caption(spec: SampleSpec, reader: ShardReader, idx: ShardIndex, key: s
     raise SkipSample("missing_text_embedding" if no_emb else "empty_caption" if blank else "missing_caption")
 
 
+def _condition(reader: ShardReader, idx: ShardIndex, key: str, name: str, bucket: str) -> np.ndarray:
+    """Condition ``name`` of ``key`` as (H, W, 3) uint8 at the bucket's size; missing or undecodable: a hole."""
+    ext = f"cond.{name}.png"
+    if ext not in idx.members[key]:
+        raise SkipSample("missing_condition")
+    try:
+        with Image.open(io.BytesIO(reader.read(idx, key, ext))) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise SkipSample("bad_condition") from None
+    h, w = (int(x) for x in bucket.split("x"))
+    if arr.shape[:2] != (h, w):
+        raise ConditionSizeError(f"sample {key}: condition {name!r} ({key}.{ext}) is {arr.shape[0]}x{arr.shape[1]}, "
+                                 f"its bucket is {bucket}; conditions must share their image's bucket (remake them "
+                                 "with `tessera data condition`)")
+    return arr
+
+
 def _image(reader: ShardReader, idx: ShardIndex, key: str, hw: tuple[int, int]) -> np.ndarray:
     """The decoded image as (H, W, 3) uint8, which must already be bucket-sized."""
     ext = next((e for e in IMAGE_EXTS if e in idx.members[key]), None)
@@ -139,6 +165,8 @@ def load_sample(spec: SampleSpec, reader: ShardReader, idx: ShardIndex, key: str
         if "hidden" not in t or "mask" not in t:
             raise SkipSample("bad_text_embedding")
         out["text"] = t
+    if spec.conditions:
+        out["cond"] = {name: _condition(reader, idx, key, name, bucket) for name in spec.conditions}
     return out
 
 
@@ -153,6 +181,9 @@ def collate(samples: list[dict], bucket: str) -> dict:
         batch["image"] = u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [-1, 1]
     if "latent" in samples[0]:
         batch["latent"] = torch.stack([s["latent"] for s in samples])  # (B, C, h, w)
+    if "cond" in samples[0]:  # control conditions: name -> (B, 3, H, W) in [-1, 1], the images' scale
+        batch["cond"] = {name: torch.from_numpy(np.stack([s["cond"][name] for s in samples])).permute(0, 3, 1, 2)
+                         .float().div_(127.5).sub_(1.0) for name in samples[0]["cond"]}
     if "text" in samples[0]:
         texts = [s["text"] for s in samples]
         length = max(t["hidden"].shape[0] for t in texts)
