@@ -213,7 +213,7 @@ class K8sBackend(Backend):
 
     @staticmethod
     def _kind(record: JobRecord) -> str:
-        return "PyTorchJob" if record.stage.split()[0] in ("train", "finetune") else "RayJob"
+        return "PyTorchJob" if record.stage.split()[0] in ("train", "finetune", "distill") else "RayJob"
 
     def refresh(self, record: JobRecord, store: JobStore) -> None:
         """The job's status conditions (PyTorchJob) or deployment status (RayJob)."""

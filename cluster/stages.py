@@ -1,7 +1,7 @@
 """What a stage needs on a cluster, learnt from the stage itself.
 
 Any ``tessera`` stage can be submitted (``data ingest``, ``data recaption``, ``data precompute``, ``train``,
-``finetune``, ``eval``, and stages added later): the submitter runs ``tessera STAGE --config F [k=v ...]
+``finetune``, ``distill``, ``eval``, and stages added later): the submitter runs ``tessera STAGE --config F [k=v ...]
 --dry-run`` here, which validates the config and prints it fully resolved. That text is staged into the job
 directory and the job runs from it, so a requeued attempt sees exactly the config of the first one, however
 the user's files change meanwhile. The resolved mapping also tells whether the stage has a run (``run.id``,
@@ -20,7 +20,7 @@ import yaml
 from tessera.config import ConfigError
 
 # Stages whose ranks form one process group: one rank per GPU across the job's nodes.
-DISTRIBUTED = {"train", "finetune"}
+DISTRIBUTED = {"train", "finetune", "distill"}
 # Stages made of independent shards: a Slurm job array may split them.
 DATA = {"data"}
 _STAGE_TIMEOUT_S = 300

@@ -76,7 +76,7 @@ class FID:
         fid = frechet_distance(mu, sigma, self.mu, self.sigma)
         inception_s = time.perf_counter() - t1
         colour = colour_adherence(fake, [h.caption for h in self.items])
-        return {"fid": round(fid, 2), "n": len(fake), "sample_s": round(t1 - t0, 1),
+        return {"fid": round(fid, 2), "n": len(fake), "sample_s": round(t1 - t0, 4),
                 "inception_s": round(inception_s, 1), "colour_adherence": colour["accuracy"],
                 "colour_scored": colour["n"], "colour_per_colour": colour["per_colour"],
                 "colour_adherence_real": self.real_colour["accuracy"]}

@@ -17,7 +17,7 @@ from tessera.registry import RegistryError
 
 # Order is the pipeline's order: data_pipeline -> recaption -> trainer -> evaluation -> cluster.
 _COMMAND_MODULES = ["tessera.data_pipeline.cli", "tessera.trainer.cli", "tessera.evaluation.cli", "tessera.quickstart.cli",
-                    "tessera.cluster.cli", "tessera.finetune.cli"]
+                    "tessera.cluster.cli", "tessera.finetune.cli", "tessera.distill.cli"]
 
 
 def _train_hooks(cfg):

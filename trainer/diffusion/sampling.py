@@ -23,7 +23,8 @@ from tessera.trainer.diffusion.samplers import SAMPLERS, Sampler
 class SamplerConfig:
     """Sampler name, step count, guidance, and the few knobs samplers expose."""
 
-    name: Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_discrete", "edm_heun"] = "euler"
+    # euler_uniform and lcm are the few-step samplers of distilled students (docs/distill.md)
+    name: Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_discrete", "edm_heun", "euler_uniform", "lcm"] = "euler"
     steps: int = 28
     cfg_scale: float = 4.5
     eta: float = 0.0  # ddim
@@ -31,6 +32,7 @@ class SamplerConfig:
     sigma_min: float = 0.002  # edm_heun
     sigma_max: float = 80.0  # edm_heun
     rho: float = 7.0  # edm_heun
+    lcm_origin_steps: int = 50  # lcm: the skipping-step grid the consistency model was distilled on
     # Guide only at noise levels in [lo, hi] (0 clean .. 1 pure noise, the flow time of the same signal-to-noise
     # ratio: sigma / (1 + sigma) in EDM's sigma); plain conditional steps elsewhere. None: every step.
     guidance_interval: list[float] | None = None
@@ -45,10 +47,10 @@ def build_sampler(cfg: SamplerConfig, objective: ObjectiveConfig) -> Sampler:
     """A sampler for models trained with ``objective``; raises if the pair does not fit."""
     cls = SAMPLERS.get(cfg.name)
     obj_cfg = getattr(objective, objective.name)
-    if cfg.name == "dpmpp_2m":
+    if cfg.name in ("dpmpp_2m", "lcm"):
         if objective.name == "edm":
-            raise ValueError("sampler 'dpmpp_2m' supports ddpm and flow objectives, not edm")
-        return cls(obj_cfg)
+            raise ValueError(f"sampler {cfg.name!r} supports ddpm and flow objectives, not edm")
+        return cls(obj_cfg, origin_steps=cfg.lcm_origin_steps) if cfg.name == "lcm" else cls(obj_cfg)
     if cls.objective != objective.name:
         raise ValueError(f"sampler {cfg.name!r} samples {cls.objective!r} models, objective is {objective.name!r}")
     if cfg.name in ("ddpm", "euler_discrete"):

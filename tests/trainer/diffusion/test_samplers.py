@@ -123,7 +123,7 @@ def _cond(b, seed=0):
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_deterministic_any_resolution(name):
-    obj = {"euler": "flow", "edm_heun": "edm"}.get(name, "ddpm")
+    obj = {"euler": "flow", "euler_uniform": "flow", "edm_heun": "edm"}.get(name, "ddpm")
     sampler = build_sampler(SamplerConfig(name=name, eta=1.0), ObjectiveConfig(name=obj))  # ddim: stochastic
     model = TinyModel()
     for shape in [(2, 4, 8, 8), (2, 4, 8, 16), (2, 4, 16, 8)]:

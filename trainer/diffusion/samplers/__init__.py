@@ -6,6 +6,8 @@ from tessera.trainer.diffusion.samplers.ddpm import DDPMSampler
 from tessera.trainer.diffusion.samplers.dpm_solver import DPMSolverSampler
 from tessera.trainer.diffusion.samplers.edm_heun import EDMHeunSampler
 from tessera.trainer.diffusion.samplers.euler import EulerDiscreteSampler, FlowEulerSampler
+from tessera.trainer.diffusion.samplers.euler_uniform import FlowEulerUniformSampler
+from tessera.trainer.diffusion.samplers.lcm import LCMSampler
 
 __all__ = [
     "SAMPLERS",
@@ -16,4 +18,6 @@ __all__ = [
     "EDMHeunSampler",
     "EulerDiscreteSampler",
     "FlowEulerSampler",
+    "FlowEulerUniformSampler",
+    "LCMSampler",
 ]

@@ -1,0 +1,1 @@
+"""Few-step distillation of a trained model: progressive, latent consistency (LCM, LCM-LoRA) and reflow."""
