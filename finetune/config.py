@@ -179,12 +179,24 @@ class GuardConfig:
     seeds: int = 2  # images per held-out prompt, at fixed seeds
     seed: int = 0
     sampler: SamplerConfig | None = None  # deterministic sampler; null: the checkpoint's, guided as the rollouts are
-    kl: bool = True  # KL of policy to reference along the policy's SDE trajectories
+    kl: bool = True  # KL of policy to reference along the policy's SDE trajectories (GRPO's formula, per step)
+    # [lo, hi) sampler steps the KL averages over; null: rollout.sde_window, else every step but the last (the steps
+    # the shipped methods train on). docs/finetune.md: "What the KL measures".
+    kl_steps: list[int] | None = None
     fid_reference: str | None = None  # real held-out images (folder, dataset, .tar); null: no FID/KID
     fid_network: str | None = None
     grid_prompts: int = 8  # held-out prompts shown in the logged sample grid
     max_kl: float | None = None  # early stop: reward rose but KL passed this bound
     max_fid: float | None = None  # early stop: reward rose but FID passed this bound
+
+    def __post_init__(self) -> None:
+        if self.kl_steps is not None and not (len(self.kl_steps) == 2 and 0 <= self.kl_steps[0] < self.kl_steps[1]):
+            raise ValueError(f"eval.kl_steps must be [lo, hi) with 0 <= lo < hi, got {self.kl_steps}")
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the guard can stop the run (a KL or FID bound is set)."""
+        return self.max_kl is not None or self.max_fid is not None
 
 
 @dataclass(kw_only=True)
@@ -213,7 +225,8 @@ class FinetuneJobConfig:
     checkpoint: str = ""  # base: training run, checkpoint or export dir (local or s3://)
     base_weights: Literal["ema", "raw"] = "ema"
     run: RunConfig = field(default_factory=RunConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(project="tessera-finetune"))
+    # W&B: the project and group of the run that trained the base checkpoint (tessera.tracking)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(project=None, job_type="finetune"))
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     reward: list[RewardTerm] = field(default_factory=lambda: [RewardTerm(name="colour_match")])

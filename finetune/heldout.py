@@ -1,14 +1,15 @@
 """The held-out guard against reward hacking, run on rank 0 every ``eval.every`` updates.
 
-On held-out prompts (never trained on) at fixed seeds, with the deterministic sampler (the one ``tessera sample``
-then uses on the checkpoint): the mean reward and each reward term, paired against the base model's images of
-the same (prompt, seed) (mean difference, its standard error, win rate), the KL of the policy to the reference
-along the policy's own SDE trajectories (per dimension, summed over steps), FID/KID against held-out real images
-(the evaluation package's code), and sample diversity (mean pairwise RMS distance of one prompt's images).
+On held-out prompts (never trained on) at fixed seeds, with the deterministic sampler guided as the rollouts are:
+* the mean reward and each reward term, paired against the base model's images of the same (prompt, seed)
+  (mean difference, its standard error, win rate);
+* the KL of the policy to the reference along the policy's own SDE trajectories: GRPO's penalty formula
+  (``rollout.step_kl``, per dimension), averaged over the steps ``kl_window`` names (the trained ones);
+* FID/KID against held-out real images (the evaluation package's code);
+* sample diversity (mean pairwise RMS distance of one prompt's images).
 Per-image records go to ``heldout/step_<N>.json`` (the base's to ``heldout/base.json``) for paired statistics
 across runs; the bound check says when the reward rose while KL or FID passed its bound.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ import torch
 
 from tessera import storage
 from tessera.evaluation.generate import image_seed
-from tessera.finetune.rollout import GaussianPolicy, initial_noise, model_fn_of, policy_output
+from tessera.finetune.rollout import GaussianPolicy, initial_noise, model_fn_of, policy_output, step_kl
 from tessera.trainer.inference import make_grid, png_bytes, sample_seeded, to_pil
 
 log = logging.getLogger("tessera.finetune.heldout")
@@ -51,7 +52,8 @@ def diversity(images: torch.Tensor, groups: list[int]) -> float:
 class HeldOut:
     """Held-out prompts x seeds, the base model's record, and the metrics of a policy against it."""
 
-    def __init__(self, cfg, base, rollout, reward, run, device, latent_shape) -> None:
+    def __init__(self, cfg, base, rollout, reward, run, device, latent_shape, kl_cfg_scale: float | None = None
+                 ) -> None:
         self.cfg, self.base, self.reward, self.run, self.device = cfg, base, reward, run, device
         self.prompts = cfg.prompts.load()
         self.items = [(p, s) for p in range(len(self.prompts)) for s in range(cfg.seeds)]
@@ -64,6 +66,12 @@ class HeldOut:
         self.sde = GaussianPolicy(base.objective, rollout.steps, eta=rollout.eta, noise_level=rollout.noise_level,
                                   image_shape=(1, *latent_shape), spacing=base.sampler.timestep_spacing,
                                   window=rollout.sde_window)
+        # The KL is measured as GRPO's penalty is computed: the same formula (rollout.step_kl), on the trained steps
+        # (kl_window), with the training forward's guidance (policy gradient's train_cfg), so heldout/kl and the
+        # training kl share one scale and eval.max_kl means the same for every method.
+        lo, hi = kl_window(cfg, rollout)
+        self.kl_steps = [s for s in self.sde.train_steps if lo <= s < hi]
+        self.kl_cfg_scale = rollout.cfg_scale if kl_cfg_scale is None else kl_cfg_scale
         self._fid = None
         self.base_record: dict | None = None
 
@@ -79,8 +87,11 @@ class HeldOut:
 
     @torch.no_grad()
     def kl(self, model, reference) -> float:
-        """Mean over held-out samples of sum over steps of KL(policy step || reference step) per dimension."""
-        pol, scale, bs = self.sde, self.rollout.cfg_scale, self.rollout.batch_size
+        """Mean over held-out samples and ``kl_steps`` of the per-dimension KL of the policy's step to the
+        reference's (``rollout.step_kl``), along the policy's own SDE trajectories; 0 when they are one network."""
+        pol, scale, bs = self.sde, self.kl_cfg_scale, self.rollout.batch_size
+        if not self.kl_steps:
+            return 0.0
         fn = model_fn_of(model)
         total = []
         for i in range(0, len(self.items), bs):
@@ -88,18 +99,17 @@ class HeldOut:
             cond, both = _condition(self.base.text_encoder, caps, scale, self.device)
             gens = [torch.Generator().manual_seed(s) for s in self.seeds[i:i + bs]]
             x, kl = initial_noise(gens, self.latent_shape, self.device), torch.zeros(len(caps), dtype=torch.float64)
-            for s in range(pol.n):
+            for s in range(max(self.kl_steps) + 1):  # the trajectory up to the last measured step
                 idx = torch.full((len(caps),), s, dtype=torch.long)
-                x_next, _, mean, std = pol.step(policy_output(fn, pol, x, idx, cond, both, scale), idx, x,
-                                                generators=gens)
-                if s not in pol.train_steps:  # a deterministic step has no density to compare
-                    x = x_next
-                    continue
-                with reference.model() as ref:
-                    mean_ref, _ = pol.mean_std(policy_output(model_fn_of(ref), pol, x, idx, cond, both, scale), idx, x)
-                kl += (((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)).double().cpu()
+                x_next, _, mean, _ = pol.step(policy_output(fn, pol, x, idx, cond, both, scale), idx, x,
+                                              generators=gens)
+                if s in self.kl_steps:
+                    with reference.model() as ref:
+                        mean_ref, _ = pol.mean_std(policy_output(model_fn_of(ref), pol, x, idx, cond, both, scale),
+                                                   idx, x)
+                    kl += step_kl(pol, mean, mean_ref, idx).double().cpu()
                 x = x_next
-            total.append(kl)
+            total.append(kl / len(self.kl_steps))
         return float(torch.cat(total).mean())
 
     def fid_kid(self, images: torch.Tensor) -> dict[str, float]:
@@ -184,6 +194,18 @@ class HeldOut:
         grid = make_grid(pil, caps, scale=max(1, 96 // max(self.base.size[0], 1)))
         storage.write_bytes(self.run.path("samples", f"step_{update:09d}.png"), png_bytes(grid))
         tracker.log_images("samples/heldout", pil, caps, step=update)
+
+
+def kl_window(guard, rollout) -> tuple[int, int]:
+    """[lo, hi) of the sampler steps the held-out KL covers: ``eval.kl_steps``, else the rollout's SDE window, else
+    every step but the last. The last step's noise is tiny (flow: sigma_t -> 0 as t -> 0), so its KL is dominated by
+    1 / sigma_t^2 of a step whose noise carries no signal; the shipped methods do not train on it either (GRPO's
+    timestep_fraction 0.99, DDPO's sde_window [0, 9])."""
+    if getattr(guard, "kl_steps", None):
+        return tuple(guard.kl_steps)
+    if rollout.sde_window:
+        return tuple(rollout.sde_window)
+    return (0, max(1, rollout.steps - 1))
 
 
 def _condition(text_encoder, prompts: list[str], scale: float, device):

@@ -1,6 +1,6 @@
 """The policy: a trained checkpoint or export as a plain model, LoRA adapters on it (PEFT), the reference policy,
-and the files a fine-tuning checkpoint holds (merged model, PEFT adapter) so ``tessera sample/export/eval`` read
-it like a training checkpoint.
+and the files rank 0 adds to a LoRA fine-tuning checkpoint (merged model, PEFT adapter) so ``tessera
+sample/export/eval`` read it like a training checkpoint.
 
 With LoRA the reference policy is the same network with its adapters switched off (``disable_adapter``): no
 second copy. Full fine-tuning keeps a frozen copy as the reference.
@@ -147,12 +147,24 @@ def adapter_files(model: nn.Module) -> dict[str, Any]:
     return {"lora/adapter_model.safetensors": state, "lora/adapter_config.json": json.dumps(cfg, indent=1, default=str)}
 
 
-def checkpoint_job(base: Base, sampler: SamplerConfig, run_cfg) -> TrainJobConfig:
-    """The training config a fine-tuning checkpoint carries: the base model's, sampled with the guard's
-    deterministic sampler (what ``tessera sample/eval`` then use), under the fine-tuning run."""
+def lora_files(model: nn.Module) -> dict[str, Any]:
+    """What rank 0 adds to a LoRA fine-tuning checkpoint (``Checkpointer.files``): the merged model, which
+    ``tessera sample/export/eval`` read like an export's weights, and the adapter in PEFT's format.
+
+    Why rank 0 writes a whole model here, when training checkpoints are sharded: LoRA keeps the frozen base whole
+    on every rank (ZeRO-3 is refused for it), so rank 0 merges from its own weights with no gather, and the
+    checkpoint stays readable without the base checkpoint, which a base run's pruning or a newer ``latest`` may
+    change or remove. The adapter's training state (weights, Adam moments) is sharded like any run's."""
+    return {"model.safetensors": merged_weights(model), **adapter_files(model)}
+
+
+def checkpoint_job(base: Base, run_cfg) -> TrainJobConfig:
+    """The training config a fine-tuning checkpoint carries: the base model's, with the base's own sampler (steps,
+    guidance scale and interval), so ``tessera sample/eval`` sample base and tuned models alike; the held-out guard
+    and the rollouts guide at every step at ``rollout.cfg_scale`` (docs/finetune.md)."""
     job = base.job
     samples = SampleGridConfig(enabled=False, prompts=list(job.samples.prompts), height=base.size[0],
-                               width=base.size[1], sampler=sampler)
+                               width=base.size[1], sampler=base.sampler)
     return dataclasses.replace(job, run=run_cfg, samples=samples)
 
 

@@ -120,6 +120,14 @@ class GaussianPolicy:
         return prev, logp.flatten(1).mean(1), mean, std
 
 
+def step_kl(policy: GaussianPolicy, mean: torch.Tensor, mean_ref: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B,) KL of each row's policy step to the reference's, per dimension, in flow_grpo's units:
+    |mu - mu_ref|^2 / (2 sigma_t^2) averaged over dimensions, sigma_t = ``policy.kl_scale`` at the row's step.
+
+    One formula for GRPO's penalty and the held-out guard, so ``kl`` (training) and ``heldout/kl`` read alike."""
+    return ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * policy.kl_scale(idx, mean).flatten() ** 2)
+
+
 def model_fn_of(module, dtype: torch.dtype = torch.float32):
     """``model_fn(x, t, cond)`` over a denoiser (or DeepSpeed engine) taking (x, t, hidden, mask, pooled)."""
     def model_fn(x, t, c):

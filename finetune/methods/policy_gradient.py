@@ -24,7 +24,7 @@ from tessera.finetune.advantages import PerPromptStats, group_advantages, zero_s
 from tessera.finetune.config import DDPOConfig
 from tessera.finetune.methods.base import METHODS, Batch, Chunk, Context, Method, gather_all, micro_steps, \
     sample_chunk
-from tessera.finetune.rollout import policy_output
+from tessera.finetune.rollout import policy_output, step_kl
 
 
 @METHODS.register("ddpo")
@@ -39,6 +39,11 @@ class PolicyGradient(Method):
         n_sde = r.sde_window[1] - r.sde_window[0] if r.sde_window else r.steps
         self.n_train = max(1, int(n_sde * cfg.timestep_fraction))
         self.per_step = micro_steps(job.rollout.batches_per_update, cfg.steps_per_update, "policy gradient")
+
+    def trained_steps(self, policy) -> list[int]:
+        """The sampler steps the loss trains on: the first ``n_train`` stochastic ones in order (flow_grpo), or with
+        a random order each sample's own subset of all of them."""
+        return list(policy.train_steps[:self.n_train]) if self.cfg.timestep_order == "first" else list(policy.train_steps)
 
     def group_size(self) -> int:
         """G copies of each prompt per update."""
@@ -105,9 +110,9 @@ class PolicyGradient(Method):
                 with ctx.reference.model() as ref:
                     mean_ref, _ = pol.mean_std(policy_output(ctx.ref_fn(ref), pol, x, idx, c.cond, both, scale),
                                                idx, x)
-                kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * pol.kl_scale(idx, mean) ** 2)
+                kl = step_kl(pol, mean, mean_ref, idx)  # (B,): each row at its own step
                 loss = loss + cfg.kl_beta * kl.mean()
-                logs["kl"].append(float(kl.mean()))
+                logs["kl"].append(float(kl.mean().detach()))
             ctx.engine.backward(loss)
             ctx.engine.step()
             with torch.no_grad():

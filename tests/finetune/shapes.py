@@ -62,20 +62,30 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shapes(root: str | Path, *, n: int = 512, size: int = 16, shards: int = 4, seed: int = 0,
                  shapes: list[str] | None = None) -> Path:
     """Write ``n`` captioned shape images as a ``tessera-shards/1`` dataset (one bucket); returns ``root``."""
-    root, rnd = Path(root), random.Random(seed)
+    rnd, items = random.Random(seed), []
+    for s in range(shards):
+        for i in range(s * n // shards, (s + 1) * n // shards):
+            colour, shape = rnd.choice(list(COLOURS)), rnd.choice(shapes or SHAPES)
+            items.append((f"s{s:03d}k{i:05d}", draw(colour, shape, size, rnd), f"a {colour} {shape}", {}))
+    return write_samples(root, items, size, shards)
+
+
+def write_samples(root: str | Path, items: list[tuple[str, Image.Image, str, dict]], size: int, shards: int = 4
+                  ) -> Path:
+    """Write (key, image, caption, meta) samples of one ``size`` x ``size`` bucket as a ``tessera-shards/1`` dataset
+    of ``shards`` shards; ``meta`` lands in each KEY.json's ``meta`` (e.g. a ``label``). Returns ``root``."""
+    root, n = Path(root), len(items)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     entries, bucket = [], f"{size}x{size}"
     for s in range(shards):
         buf, count = io.BytesIO(), 0
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(s * n // shards, (s + 1) * n // shards):
-                colour, shape = rnd.choice(list(COLOURS)), rnd.choice(shapes or SHAPES)
-                key, cap = f"s{s:03d}k{i:05d}", f"a {colour} {shape}"
+            for key, img, cap, extra in items[s * n // shards:(s + 1) * n // shards]:
                 png = io.BytesIO()
-                draw(colour, shape, size, rnd).save(png, format="PNG")
+                img.save(png, format="PNG")
                 meta = {"key": key, "source": "shapes", "source_id": key, "path": f"/shapes/{key}.png",
                         "orig_size": [size, size], "bucket": bucket, "sha256": "", "phash": "",
-                        "captions": {"alt": cap}, "scores": {}, "meta": {}}
+                        "captions": {"alt": cap}, "scores": {}, "meta": dict(extra)}
                 _add(tf, f"{key}.png", png.getvalue())
                 _add(tf, f"{key}.txt", cap.encode())
                 _add(tf, f"{key}.json", json.dumps(meta).encode())

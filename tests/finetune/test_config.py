@@ -16,7 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 @pytest.mark.parametrize("method", ["ddpo", "grpo", "dpo", "draft"])
 def test_shipped_configs_load_strictly_and_select_their_method(method):
     cfg = load_config(FinetuneJobConfig, CONFIGS / f"{method}.yaml")
-    assert cfg.method.name == method and cfg.lora.enabled and cfg.checkpoint
+    assert cfg.method.name == method and cfg.checkpoint
+    # LoRA, except reward backprop: with an adapter it fooled the reward classifier without moving the independent
+    # judge on the labelled digits task (docs/finetune.md, "Which method"); full fine-tuning moved it.
+    assert cfg.lora.enabled == (method != "draft")
     assert cfg.eval.prompts.load() and not set(cfg.eval.prompts.load()) & set(cfg.prompts.load())  # held out
     cfg.check()
     if method == "grpo":

@@ -73,3 +73,21 @@ def test_full_fine_tuning_keeps_a_frozen_reference_copy():
 def test_targets_that_match_nothing_are_an_error():
     with pytest.raises(ValueError, match="matched no linear"):
         wrap_lora(tiny_dit(), LoraSettings(target_modules=r"nothing\.here"))
+
+
+def test_a_checkpoint_carries_its_bases_sampler_not_the_rollouts():
+    """What ``tessera sample/eval`` read from a fine-tuning checkpoint: the base run's sampler (its guidance
+    interval included), so one eval config samples base and tuned models alike; the run section is this job's."""
+    from types import SimpleNamespace
+
+    from tessera.finetune.policy import checkpoint_job
+    from tessera.trainer.config import TrainJobConfig
+    from tessera.trainer.data.config import LoaderConfig
+    from tessera.trainer.diffusion.sampling import SamplerConfig
+    from tessera.run_dir import RunConfig
+
+    sampler = SamplerConfig(name="euler", steps=12, cfg_scale=3.0, guidance_interval=[0.3, 1.0])
+    base = SimpleNamespace(job=TrainJobConfig(data=LoaderConfig(path="ds")), sampler=sampler, size=(16, 32))
+    job = checkpoint_job(base, RunConfig(id="tuned"))
+    assert job.samples.sampler == sampler and job.samples.sampler.guidance_interval == [0.3, 1.0]
+    assert (job.samples.height, job.samples.width, job.run.id) == (16, 32, "tuned") and not job.samples.enabled

@@ -47,9 +47,12 @@ def _significant_gain(run_dir) -> dict:
     return last
 
 
+GRPO = {"method.name": "grpo", "method.grpo.kl_beta": 0.04, "tracking.mode": "offline", "eval.every": 5}
+
+
 @pytest.fixture(scope="module")
 def grpo_run(bases):
-    return _run(bases, "grpo", **{"method.name": "grpo", "method.grpo.kl_beta": 0.04, "tracking.mode": "offline"})
+    return _run(bases, "grpo", **GRPO)
 
 
 def test_grpo_raises_the_heldout_reward_with_ratio_one_and_kl_zero_at_init(grpo_run):
@@ -102,7 +105,7 @@ def test_the_run_directory_is_a_training_runs_and_sample_export_eval_read_it(grp
         assert (grpo_run / name).exists(), name
     assert list((grpo_run / "wandb").glob("offline-run-*"))
     ckpt = H.ckpt_dir(grpo_run, 20)
-    for name in ("model.safetensors", "adapter.safetensors", "optimizer.safetensors", "config.yaml",
+    for name in ("model.safetensors", "index.json", "shards/rank00000.safetensors", "config.yaml",
                  "lora/adapter_model.safetensors", "lora/adapter_config.json", "COMPLETE"):
         assert (ckpt / name).exists(), name
     env = H.env()
@@ -127,7 +130,7 @@ def test_the_run_directory_is_a_training_runs_and_sample_export_eval_read_it(grp
         load_file(tmp_path / "export" / "raw" / "model.safetensors")
     assert merged.keys() == exported.keys()
     assert all(torch.allclose(merged[k], exported[k], atol=1e-6) for k in merged)
-    base = load_file(H.ckpt_dir(bases["flow"], 300) / "ema.safetensors")
+    base = H.ckpt_tensors(H.ckpt_dir(bases["flow"], 300), "ema")
     assert not torch.equal(base["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
 
 
@@ -181,7 +184,7 @@ def test_sigkill_then_resume_is_bitwise_exact(bases):
     found = re.findall(r"resumed from \S+ at update (\d+)", (root / "resume-kill" / "logs" / "rank0.log").read_text())
     assert found and 2 <= int(found[-1]) < 8, "no resume logged"
     assert _losses(root / "resume-kill") == _losses(root / "resume-ref")
-    ref, got = (load_file(H.ckpt_dir(root / r, 8) / "adapter.safetensors") for r in ("resume-ref", "resume-kill"))
+    ref, got = (H.ckpt_tensors(H.ckpt_dir(root / r, 8)) for r in ("resume-ref", "resume-kill"))  # the adapter
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
@@ -202,3 +205,35 @@ def test_two_ranks_hold_identical_adapters_equal_to_one_rank(bases):
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-6)
     two, solo = _losses(root / "ranks2"), _losses(root / "ranks1")
     assert [r[2] for r in two] == pytest.approx([r[2] for r in solo], abs=1e-6)  # the same samples, gathered
+
+
+def _complete_steps(run_dir) -> list[int]:
+    return sorted(int(p.parent.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*/COMPLETE"))
+
+
+def test_the_guard_stops_the_run_and_keeps_the_last_good_checkpoint(grpo_run, bases):
+    # From the unbounded run: the first evaluation where the reward rose and the KL passed every earlier KL. A bound
+    # between them must stop the same (deterministic) run right there.
+    evals = [r for r in heldout(grpo_run) if r["step"] > 0]
+    for i, r in enumerate(evals[1:], start=1):
+        before = max(e["heldout/kl"] for e in evals[:i])
+        if r["heldout/reward"] > r["heldout/base_reward"] and r["heldout/kl"] > before:
+            trip, bound, last_good = r["step"], (before + r["heldout/kl"]) / 2, evals[i - 1]["step"]
+            break
+    else:
+        pytest.fail(f"the GRPO run never raised its reward with a growing KL: {evals}")
+    ovs = ft_overrides(bases, "grpo-guard", **GRPO, **{"eval.max_kl": bound, "train.ckpt_every": 100})
+    H.check(run_ft(ovs))  # an early stop is a finished job: exit 0
+    run = bases["tmp"] / "ftruns" / "grpo-guard"
+    log = (run / "logs" / "rank0.log").read_text()
+    assert f"early stop at update {trip}: held-out KL" in log and f"> eval.max_kl {bound}" in log
+    stopped = json.loads((run / "early_stop.json").read_text())
+    assert stopped["update"] == trip and stopped["last_good_checkpoint"].endswith(f"step_{last_good:09d}")
+    # Every passing evaluation was checkpointed (a bound is set); the tripped state never was.
+    assert _complete_steps(run) == list(range(5, trip, 5))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last_good:09d}"
+    assert max(r["step"] for r in rows(run)) == trip
+    again = run_ft(ovs)  # a rerun (a requeue, a user) finds the run finished
+    H.check(again)
+    assert "stopped early by its held-out guard" in (run / "logs" / "rank0.log").read_text()
+    assert _complete_steps(run)[-1] == last_good
