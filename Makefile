@@ -25,7 +25,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # keep both cores busy. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: test quickstart install apt-data clean-venv bench wheelhouse
+.PHONY: test test-long quickstart install apt-data clean-venv bench wheelhouse
 
 install: $(STAMP)
 
@@ -58,7 +58,12 @@ apt-data:
 
 test: install
 	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long" $(PYTEST_ARGS)
+
+# The tests marked long: measured effects at test size that take minutes of training (tests/finetune/test_recipes.py).
+test-long: install
+	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m long $(PYTEST_ARGS)
 
 # The benchmarks (bench/*.py through bench/harness.py): each side >= 3 alternating runs, medians and spreads
 # printed, one JSON per script in bench/results/. About 5 minutes on the 2-core dev machine; run it on an
@@ -71,6 +76,7 @@ bench: install apt-data
 	$(PY) bench/dit_step.py --threads 1
 	OMP_NUM_THREADS=2 $(PY) bench/frechet.py
 	OMP_NUM_THREADS=2 $(PY) bench/checkpoint.py
+	$(PY) bench/write_benchmarks_md.py
 
 # The offline wheelhouse that bench/gpu_check.sh installs from on a GPU machine without network (what its image
 # lacks: Tessera, DeepSpeed without prebuilt ops, diffusers and their small dependencies; bench/wheelhouse.py):

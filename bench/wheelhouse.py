@@ -27,6 +27,7 @@ import importlib.metadata as md
 import json
 import os
 import shutil
+import tomllib
 import subprocess
 import sys
 import tempfile
@@ -48,9 +49,9 @@ IMAGE_DEPS = ["filelock", "typing-extensions", "sympy", "mpmath", "networkx", "j
 CHECK_NEEDS = ["deepspeed", "diffusers", "pyyaml", "jinja2", "psutil", "tqdm"]
 PYTHONS = ["3.10", "3.11", "3.12", "3.13", "3.14"]
 PLATFORMS = ["manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"]
-# The folders (and files) a Tessera wheel is built from, as pyproject.toml's package-dir maps them.
-SOURCES = ["tessera", "data_pipeline", "recaption", "trainer", "evaluation", "cluster", "quickstart", "finetune",
-           "configs", "pyproject.toml"]
+# The folders the wheel is built from: pyproject's package-dir (one list, so a new stage folder cannot be missed).
+SOURCES = [*dict.fromkeys(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+                          .values()), "pyproject.toml"]
 _SUFFIXES = {".py", ".yaml", ".j2", ".txt", ".toml", ".json"}
 
 
