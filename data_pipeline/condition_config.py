@@ -10,15 +10,13 @@ manifest it leaves. No heavy imports: ``--dry-run`` prints the config cheaply.
 
 from __future__ import annotations
 
-import datetime
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tessera import __version__
-from tessera.config import config_hash, to_dict
-from tessera.data_pipeline.manifest import FORMAT
+from tessera.config import config_hash
+from tessera.data_pipeline.manifest import derived_manifest
 from tessera.evaluation.annotators import AnnotatorConfig, annotator_identity
 from tessera.ray_runtime import RayConfig
 from tessera.storage import StorageConfig
@@ -86,28 +84,13 @@ def build_manifest(cfg: ConditionJobConfig, src: dict, src_sha: str, parts: dict
                    wall: float) -> dict:
     """The derived dataset's manifest: the source's accounting, new shard hashes, lineage, and ``conditions``
     (each name's annotator identity and counts; a source's other conditions carry over)."""
-    shards = [{"name": s["shard"], "sha256": s["sha256"], "bytes": s["bytes"], "samples": s["samples"],
-               "input": s["input"], "buckets": s["buckets"]} for s in stats]
     counts = _sum(stats, "conditions")
     conditions = dict(src.get("conditions") or {})
     for name, ident in parts["conditions"].items():
         conditions[name] = {"member": cond_member(name), "annotator": ident, **dict(sorted(counts.get(name, {}).items()))}
-    stage: Counter = Counter()
-    for s in stats:
-        stage.update(s["seconds"])
-    samples = sum(s["samples"] for s in stats)
+    head, stage, samples = derived_manifest(cfg, src, src_sha, fp, stats, wall)
     return {
-        "format": FORMAT, "tessera_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_config_hash": src.get("source_config_hash"), "output_config_hash": fp, "job_fingerprint": fp,
-        "config": to_dict(cfg), "shards": shards,
-        # Samples are the source's, unchanged: its accounting (and any caches and captions it carries) carries over.
-        "totals": src["totals"], "reasons": src.get("reasons", {}), "buckets": src.get("buckets", {}),
-        "retries": sum(s["retries"] for s in stats),
-        "timing": {"wall_seconds": round(wall, 3), "task_seconds": round(stage["total"], 3),
-                   "samples_per_s": round(samples / max(wall, 1e-9), 2)},
-        "lineage": {"source": cfg.source, "source_manifest_sha256": src_sha},
-        "caches": src.get("caches") or {"emb": [], "latent": []},
+        **head,
         **({"caption_variants": src["caption_variants"]} if src.get("caption_variants") else {}),
         "conditions": dict(sorted(conditions.items())),
         "condition": {"fingerprint_parts": parts, "samples": samples,

@@ -16,6 +16,33 @@ from tessera.config import config_hash, to_dict
 FORMAT = "tessera-shards/1"
 
 
+def derived_manifest(cfg: Any, src: dict, src_sha: str, fp: str, stats: list[dict], wall: float
+                     ) -> tuple[dict, Counter, int]:
+    """The shared head of a derived dataset's manifest (recaption, condition): the source's sample accounting
+    carried over unchanged, the new shards' hashes, retries, timing and lineage; plus the summed stage seconds and
+    the sample count, for the caller's own section."""
+    shards = [{"name": s["shard"], "sha256": s["sha256"], "bytes": s["bytes"], "samples": s["samples"],
+               "input": s["input"], "buckets": s["buckets"]} for s in stats]
+    stage: Counter = Counter()
+    for s in stats:
+        stage.update(s["seconds"])
+    samples = sum(s["samples"] for s in stats)
+    head = {
+        "format": FORMAT, "tessera_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_config_hash": src.get("source_config_hash"), "output_config_hash": fp, "job_fingerprint": fp,
+        "config": to_dict(cfg), "shards": shards,
+        # Samples are the source's, unchanged: its accounting (and any caches and captions it carries) carries over.
+        "totals": src["totals"], "reasons": src.get("reasons", {}), "buckets": src.get("buckets", {}),
+        "retries": sum(s["retries"] for s in stats),
+        "timing": {"wall_seconds": round(wall, 3), "task_seconds": round(stage["total"], 3),
+                   "samples_per_s": round(samples / max(wall, 1e-9), 2)},
+        "lineage": {"source": cfg.source, "source_manifest_sha256": src_sha},
+        "caches": src.get("caches") or {"emb": [], "latent": []},
+    }
+    return head, stage, samples
+
+
 class AccountingError(RuntimeError):
     """Some input was neither written nor rejected, or was counted twice."""
 

@@ -16,7 +16,6 @@ worker in-process. The worker is ``worker.py``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
@@ -25,11 +24,11 @@ import time
 from collections import Counter, deque
 from typing import Any, Iterator
 
-from tessera import __version__, storage
+from tessera import storage
 from tessera.cli_args import load_from_args
 from tessera.config import ConfigError, to_dict
 from tessera.data_pipeline.executors import RayExecutor
-from tessera.data_pipeline.manifest import FORMAT
+from tessera.data_pipeline.manifest import FORMAT, derived_manifest
 from tessera.data_pipeline.precompute_config import plan_tasks, stats_url
 from tessera.data_pipeline.shards import read_json, write_json
 from tessera.log import progress
@@ -213,25 +212,10 @@ def _variant_totals(stats: list[dict]) -> dict:
 def build_manifest(cfg: RecaptionConfig, src: dict, src_sha: str, parts: dict, fp: str, stats: list[dict],
                    wall: float, fresh: set[str]) -> dict:
     """The derived dataset's manifest: the source's sample accounting, new shard hashes, lineage, recaption totals."""
-    shards = [{"name": s["shard"], "sha256": s["sha256"], "bytes": s["bytes"], "samples": s["samples"],
-               "input": s["input"], "buckets": s["buckets"]} for s in stats]
-    stage = Counter()
-    for s in stats:
-        stage.update(s["seconds"])
-    samples = sum(s["samples"] for s in stats)
+    head, stage, samples = derived_manifest(cfg, src, src_sha, fp, stats, wall)
     declared = set(src.get("caption_variants") or ["alt"]) | {c.variant for c in cfg.captioners}
     return {
-        "format": FORMAT, "tessera_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_config_hash": src.get("source_config_hash"), "output_config_hash": fp, "job_fingerprint": fp,
-        "config": to_dict(cfg), "shards": shards,
-        # Samples are the source's, unchanged: its accounting (and any caches it carries) carries over.
-        "totals": src["totals"], "reasons": src.get("reasons", {}), "buckets": src.get("buckets", {}),
-        "retries": sum(s["retries"] for s in stats),
-        "timing": {"wall_seconds": round(wall, 3), "task_seconds": round(stage["total"], 3),
-                   "samples_per_s": round(samples / max(wall, 1e-9), 2)},
-        "lineage": {"source": cfg.source, "source_manifest_sha256": src_sha},
-        "caches": src.get("caches") or {"emb": [], "latent": []},
+        **head,
         "caption_variants": sorted(declared),
         "recaption": {"fingerprint_parts": to_dict(parts), "captioners": stats[0]["provenance"] if stats else [],
                       "filters": to_dict(cfg.filters), "variants": _variant_totals(stats), "samples": samples,
