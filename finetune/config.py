@@ -17,6 +17,7 @@ from tessera.tracking import RunConfig, TrackingConfig
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig
 from tessera.trainer.faults import DebugConfig
+from tessera.trainer.lora import LoraSettings  # noqa: F401 (the fine-tuning config's lora section)
 
 
 @dataclass(kw_only=True)
@@ -33,22 +34,6 @@ class PromptSource(PromptSetConfig):
         if not out:
             raise ValueError(f"no prompts in {self.path if not self.items else 'items'}")
         return out
-
-
-@dataclass(kw_only=True)
-class LoraSettings:
-    """LoRA through PEFT's ``LoraConfig``; the reference policy is the same network with adapters off."""
-
-    enabled: bool = True  # false: full fine-tuning (reference = a frozen copy; ZeRO-2/3 shard the rest)
-    rank: int = 4  # ddpo-pytorch 4; flow_grpo 32
-    alpha: float = 4.0  # flow_grpo 64 (alpha / rank scales the update)
-    dropout: float = 0.0
-    # Regex (full match) over module names; null: the family's attention and MLP linears (policy.DEFAULT_TARGETS).
-    target_modules: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
 
 
 @dataclass(kw_only=True)

@@ -25,16 +25,10 @@ from tessera.trainer import checkpoint as C
 from tessera.trainer.config import SampleGridConfig, TrainJobConfig
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.inference import job_config, load_for_sampling, resolve_checkpoint
+from tessera.trainer.lora import ADAPTER, DEFAULT_TARGETS, merged_state
 
 log = logging.getLogger("tessera.finetune")
 
-# The attention and MLP linears of each family (PEFT matches the regex against the whole module name).
-DEFAULT_TARGETS = {
-    "dit": r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))",
-    "mmdit": r"blocks\.\d+\.(context|x)\.(qkv|proj|mlp\.fc1|mlp\.fc2)",
-    "unet": r"unet\..*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|unet\..*\.ff\.net\.(0\.proj|2)",
-}
-ADAPTER = "default"
 
 
 @dataclass
@@ -53,8 +47,9 @@ class Base:
 def base_job_config(checkpoint: str) -> TrainJobConfig:
     """The training config of a checkpoint, or one rebuilt from an export's ``tessera.json``."""
     kind, url = resolve_checkpoint(checkpoint)
-    if kind == "checkpoint":
-        return job_config(url)
+    if kind == "checkpoint":  # a LoRA run's base is loaded merged (model_from_weights): the job is a plain model's
+        job = job_config(url)
+        return dataclasses.replace(job, model=dataclasses.replace(job.model, lora=None))
     meta = C.read_json(storage.join(url, "tessera.json"))
     src = f"{url}/tessera.json"
     h, w = meta["sample_size"]
@@ -74,12 +69,11 @@ def load_base(checkpoint: str, weights: str, device: torch.device) -> Base:
 def wrap_lora(model: nn.Module, settings) -> nn.Module:
     """PEFT LoRA on the family's attention/MLP linears (or ``settings.target_modules``); B = 0 at init, so the
     wrapped network computes exactly the base's outputs."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     target = settings.target_modules or DEFAULT_TARGETS[model.family]
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=target)
     try:
-        peft_model = get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, settings.peft_config(model.family))
     except ValueError as e:  # PEFT's "not found" names the regex but not the config key
         raise ValueError(f"lora.target_modules {target!r} matched no linear layer of the {model.family} model "
                          f"({e})") from e
@@ -113,26 +107,10 @@ class Reference:
                     yield self.policy
 
 
-def plain_name(name: str) -> str:
-    """A PEFT module's parameter name as the base model names it."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
 @torch.no_grad()
 def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full fp32 CPU weights of the base model with every LoRA update merged in (W + scale * B A)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    out = {}
-    for name, t in base.state_dict().items():
-        if ".lora_" not in name:
-            out[plain_name(name)] = t.detach().float().cpu().clone()
-    for name, mod in base.named_modules():
-        if isinstance(mod, LoraLayer) and ADAPTER in mod.lora_A:
-            key = f"{name}.weight"
-            out[key] = out[key] + mod.get_delta_weight(ADAPTER).float().cpu()
-    return out
+    return merged_state(model.get_base_model())
 
 
 @torch.no_grad()

@@ -10,12 +10,14 @@ from tessera.registry import RegistryError
 from tessera.tracking import RunConfig, TrackingConfig
 from tessera.trainer.autoencoders import AutoencoderConfig
 from tessera.trainer.data import LoaderConfig
+from tessera.trainer.data.prior import PriorConfig
 from tessera.trainer.diffusion.cfg_dropout import CFGDropoutConfig
 from tessera.trainer.diffusion.objectives import ObjectiveConfig
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.ds_config import DeepSpeedConfig, OptimConfig
 from tessera.trainer.ema import EMAConfig
 from tessera.trainer.faults import DebugConfig
+from tessera.trainer.lora import LoraSettings
 from tessera.trainer.models import DiTConfig, MMDiTConfig, UNetConfig, build_model, config_class
 from tessera.trainer.models.control import ControlConfig
 from tessera.trainer.probes import ProbeConfig, probe_every
@@ -37,6 +39,9 @@ class ModelConfig:
 
     ``control``: train a control branch (ControlNet) on the frozen base model that ``init_from`` names; the branch
     and its base are the model every stage builds from this section (docs/control.md).
+
+    ``lora``: train LoRA adapters (PEFT) on the frozen base that ``init_from`` names; checkpoints hold only the
+    adapters and the base's fingerprint, and every stage reads them merged (``trainer/lora.py``, docs/training.md).
     """
 
     name: str = "dit"  # dit | mmdit | unet, or a family an installed plugin registers (entry points tessera.models)
@@ -47,6 +52,7 @@ class ModelConfig:
     init_from: str | None = None
     init_strict: bool = True
     control: ControlConfig | None = None
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -63,6 +69,14 @@ class ModelConfig:
         if self.control is not None and not self.init_from:
             raise ValueError("model.control trains a branch on a frozen base model: set model.init_from to the base "
                              "(a run, checkpoint, export or diffusers folder)")
+        if self.lora is not None:
+            if not self.lora.enabled:
+                self.lora = None  # `lora: {enabled: false}` (or the override model.lora.enabled=false): a full run
+            elif not self.init_from:
+                raise ValueError("model.lora trains adapters on a frozen pretrained base: set model.init_from to the "
+                                 "base (a run, checkpoint, export or diffusers folder)")
+            elif self.control is not None:
+                raise ValueError("model.lora and model.control both freeze the base: train one of them per run")
 
     def section(self):
         """The selected family's config (its defaults when the section is absent)."""
@@ -79,6 +93,10 @@ class ModelConfig:
             from tessera.trainer.convert import init_weights
 
             init_weights(model, self.init_from, strict=self.init_strict)
+        if self.lora is not None:
+            from tessera.trainer.lora import LoraModel
+
+            return LoraModel(model, self.lora, f"model.init_from={self.init_from}" if init else None)
         if self.control is None:
             return model
         from tessera.trainer.models.control import build_controlled
@@ -169,6 +187,8 @@ class TrainJobConfig:
     samples: SampleGridConfig = field(default_factory=SampleGridConfig)
     eval: InTrainingEvalConfig = field(default_factory=InTrainingEvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # DreamBooth prior preservation: class images trained on beside the subject data (trainer/data/prior.py)
+    prior: PriorConfig | None = None
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def cadence_warnings(self, world: int) -> list[str]:
@@ -186,7 +206,13 @@ class TrainJobConfig:
                 for k, v in cadences.items() if v and v < few.get(k, 5) * step]
 
     def __post_init__(self) -> None:
+        if self.model.lora is not None and self.deepspeed.stage == 3:
+            raise ValueError("model.lora with deepspeed.stage=3: the frozen base stays whole on every rank and only "
+                             "the adapters' small states are sharded; use stage 1 or 2 (or auto)")
         control, grid = self.model.control, self.samples
+        if self.prior is not None and control is not None:
+            raise ValueError("prior (class images) and model.control: prior preservation is for subject fine-tuning; "
+                             "a control run has no class prior to keep")
         if control is None:
             if grid.control_images:
                 raise ValueError("samples.control_images is for control runs (model.control)")

@@ -3,11 +3,13 @@
 A sharded training checkpoint is consolidated offline (``trainer/consolidate.py``: each weight set assembled
 from the ranks' shards with ranged reads, no process group). A LoRA fine-tuning checkpoint's
 ``model.safetensors`` already holds the merged model; its adapter (``lora/``, PEFT's format) is exported next
-to it, so the adapter ships on its own too.
+to it, so the adapter ships on its own too. A ``tessera train`` LoRA checkpoint holds only the adapter: the export
+holds the merged model and the adapter (``lora/``, from the EMA weights when the run kept an EMA).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -42,12 +44,23 @@ def write_export(out: str, cfg, variants: dict[str, dict[str, torch.Tensor]], *,
             save_pretrained(model, Path(tmp) / name)
             for f in sorted((Path(tmp) / name).iterdir()):
                 storage.write_bytes(storage.join(out, name, f.name), f.read_bytes())
+    extra = dict(extra or {})
+    if cfg.model.lora is not None:  # a LoRA run: merged weights, and its adapter in PEFT's format (default set)
+        from tessera.trainer.lora import adapter_tensors, peft_files
+
+        default = "ema" if "ema" in variants else "raw"
+        files = peft_files(adapter_tensors(variants[default]), cfg.model.lora, cfg.model.name)
+        for name, content in files.items():
+            (storage.write_text if isinstance(content, str) else C.write_tensors)(storage.join(out, ADAPTER_DIR, name),
+                                                                                   content)
+        extra.update(adapter=ADAPTER_DIR, adapter_weights=default)
+    model_cfg = dataclasses.replace(cfg.model, lora=None)  # a LoRA run's weights are exported merged
     meta = {"format": EXPORT_FORMAT, "source_checkpoint": source, "step": step, "samples": samples,
             "variants": sorted(variants), "default": "ema" if "ema" in variants else "raw",
-            "model": to_dict(cfg.model), "text_encoder": to_dict(cfg.text_encoder),
+            "model": to_dict(model_cfg), "text_encoder": to_dict(cfg.text_encoder),
             "autoencoder": to_dict(cfg.autoencoder), "objective": to_dict(cfg.objective),
             "sampler": to_dict(cfg.samples.sampler), "sample_size": [cfg.samples.height, cfg.samples.width],
-            **({"control": True} if cfg.model.control is not None else {}), **(extra or {})}
+            **({"control": True} if cfg.model.control is not None else {}), **extra}
     storage.write_text(storage.join(out, "tessera.json"), json.dumps(meta, indent=1))
     return out
 

@@ -10,6 +10,7 @@ What is written into ``out`` (a local folder):
   ``model_index.json``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, ``vae/``, which
   ``DiffusionPipeline.from_pretrained(out)`` loads, plus ``tessera_diffusers.json`` saying how to call it
   for the image ``tessera sample`` gives (same seed rule, steps, guidance);
+* for a LoRA run, ``lora/``: its adapter in diffusers' format, for the base model (``trainer/lora_diffusers.py``);
 * otherwise the Tessera format as well (``ema/``, ``raw/``, ``tessera.json``), with a message naming what
   diffusers lacks. A model with no diffusers class gets the Tessera format only, with the same message.
 
@@ -302,6 +303,14 @@ def export_diffusers(source: str, out: str, *, components: str = "path", use_ema
                          f"no whole pipeline: {'; '.join(blockers)}")
     except NotMappable as e:
         blockers, notes = ["model"], [f"no diffusers model: {e}"]
+    if "model" not in blockers and storage.exists(storage.join(source, "lora", "adapter_config.json")):
+        from tessera.trainer.lora_diffusers import NoLoraMapping, write_diffusers_lora
+
+        try:  # a LoRA run's adapter, for the base pipeline (the folder above holds the merged model)
+            notes.append(write_diffusers_lora(storage.join(source, "lora"), model, out_p / "lora"))
+        except NoLoraMapping as e:
+            notes.append(f"no diffusers LoRA: {e}; the PEFT adapter for Tessera's model is in Tessera's format")
+            blockers.append("lora")
     if not blockers:
         call = write_pipeline(out_p, model, meta, components)
         if meta["objective"]["name"] == "flow":
@@ -314,20 +323,22 @@ def export_diffusers(source: str, out: str, *, components: str = "path", use_ema
                                                      "notes": notes}, indent=2) + "\n")
     else:
         notes.append("wrote Tessera's format too (ema/, raw/, tessera.json): `tessera sample --checkpoint` reads it")
-        _copy_tessera_export(source, out, components)
+        # lora/ stays the diffusers adapter when one was written (Tessera's PEFT adapter is the source's lora/)
+        _copy_tessera_export(source, out, components, adapter="lora" not in blockers and (out_p / "lora").exists())
     for n in notes:
         log.warning("export: %s", n)
     return notes
 
 
-def _copy_tessera_export(source: str, out: str, components: str) -> None:
-    """Copy a Tessera export's weights and ``tessera.json`` into ``out``, then carry its components."""
+def _copy_tessera_export(source: str, out: str, components: str, adapter: bool = False) -> None:
+    """Copy a Tessera export's weights and ``tessera.json`` into ``out`` (``adapter``: ``out/lora`` already holds
+    the diffusers adapter, so Tessera's is not copied over it), then carry its components."""
     from tessera.trainer.export_components import carry_tessera
 
     root = source.rstrip("/")
     for u in storage.list_prefix(root + "/"):
         rel = u[len(root) + 1:]
-        if rel.split("/")[0] in ("ema", "raw", "lora") or rel == "tessera.json":
+        if rel.split("/")[0] in ("ema", "raw") + (() if adapter else ("lora",)) or rel == "tessera.json":
             storage.write_bytes(storage.join(out, rel), storage.read_bytes(u))
     carry_tessera(out, components)
 

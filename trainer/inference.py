@@ -179,16 +179,24 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def model_from_weights(model_cfg, weights: dict[str, torch.Tensor], device: torch.device):
     """A plain (non-DeepSpeed) model with the given full weights, for sampling and export. A control model's weights
-    are its branch's: its frozen base is ``init_from``'s, checked against the fingerprint the weights carry."""
-    control = model_cfg.control is not None
-    model = model_cfg.build(init=control)  # these weights replace init_from's, except for a control model's base
+    are its branch's, a LoRA run's its adapters': the frozen base is ``init_from``'s, checked against the
+    fingerprint the weights carry. A LoRA model comes back merged, as a plain model of its family."""
+    frozen_base = model_cfg.control is not None or model_cfg.lora is not None
+    model = model_cfg.build(init=frozen_base)  # these weights replace init_from's, except for a frozen base
     missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("buffer/")},
                                                 strict=False)
-    if control:
+    if model_cfg.control is not None:
         missing = [k for k in missing if not k.startswith("base.") and k != "base_fingerprint"]
         model.check_base(weights.get("buffer/base_fingerprint"), "the control branch's weights")
+    if model_cfg.lora is not None:
+        missing = [k for k in missing if ".lora_" in k]
+        model.check_base(weights.get("buffer/base_fingerprint"), "the LoRA adapter's weights")
     if missing or unexpected:
         raise KeyError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if model_cfg.lora is not None:
+        merged = dataclasses.replace(model_cfg, lora=None, init_from=None).build(init=False)
+        merged.load_state_dict(model.merged_state(), strict=True)
+        model = merged
     return model.to(device).eval()
 
 

@@ -31,6 +31,7 @@ from tessera.trainer.components import Frozen, batch_to_inputs, control_input, e
 from tessera.trainer.compile import compile_blocks
 from tessera.trainer.config import TrainJobConfig
 from tessera.trainer.data import build_loader
+from tessera.trainer.data.prior import PairedLoader
 from tessera.trainer.diffusion.cfg_dropout import drop_condition
 from tessera.trainer.diffusion.objectives import build_objective
 from tessera.trainer.distributed import barrier, collective_device, reduce_on_device, to_device
@@ -103,6 +104,11 @@ def train_step(engine, objective, frozen: Frozen, micro_batches: list[dict], cfg
         cond, n_dropped = drop_condition(cfg.cfg_dropout, cond, empty, gens)
         loss_per, t = objective.loss(model_fn, x0, cond, gens)
         loss = loss_per.mean()
+        if "prior" in batch:  # + weight x the class images' loss (their draws keyed apart from the subject's)
+            px0, pcond, _ = batch_to_inputs(batch["prior"], frozen, device, dtype)
+            pgens = KeyedRNG.for_samples(cfg.train.seed, step, [f"prior/{k}" for k in batch["prior"]["key"]], device)
+            prior_per, _ = objective.loss(model_fn, px0, pcond, pgens)
+            loss = loss + cfg.prior.weight * prior_per.mean()
         if faults.hits(cfg.debug, cfg.debug.nan_loss_at_steps, step, rank):
             loss, loss_per = faults.nan_like(loss), faults.nan_like(loss_per)
         bad = bad + (~torch.isfinite(loss)).to(comm_dev, torch.float64)
@@ -145,6 +151,9 @@ def train(cfg: TrainJobConfig, hooks: TrainHooks | None = None) -> int:
     frozen = Frozen(cfg.text_encoder, cfg.autoencoder, device,
                     empty_url=empty_url(cfg.data.paths[0], ids["text_encoder_id"]) if ids["text_encoder_id"] else None)
     loader = build_loader(cfg.data, rank=rank, world_size=world, **ids)
+    if cfg.prior is not None:  # DreamBooth prior preservation: each batch carries a class batch
+        loader = PairedLoader(loader, build_loader(cfg.prior.loader_config(cfg.data), rank=rank, world_size=world,
+                                                   **ids))
     model = cfg.model.build()
     if lc.activation_checkpointing:
         model.set_gradient_checkpointing(True)
