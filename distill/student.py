@@ -8,17 +8,14 @@ import dataclasses
 import hashlib
 
 import torch
-import torch.distributed as dist
 
 from tessera import storage
 from tessera.trainer import consolidate
 from tessera.trainer.diffusion.sampling import SamplerConfig
-from tessera.trainer.distributed import world_size
 from tessera.trainer.inference import resolve_checkpoint, sampling_weights
+from tessera.trainer.zero_state import gather_to_all
 
 from tessera.finetune.policy import Base, Reference, checkpoint_job, wrap_lora
-
-_BUCKET = 1 << 24  # elements per all-reduce (64 MB of fp32)
 
 
 def build_student(base: Base, lora) -> tuple[torch.nn.Module, Reference]:
@@ -40,27 +37,9 @@ def student_job(base: Base, run_cfg, objective, sampler: SamplerConfig):
 
 @torch.no_grad()
 def gather_all(frags, read) -> dict[str, torch.Tensor]:
-    """Full fp32 tensors on every rank from each rank's slices ``read(fragment)`` (collective; slices are disjoint,
-    so a SUM of zero-filled buckets assembles them exactly). ``zero_state.gather_to_rank0`` reduces to rank 0 only;
-    the target network and a progressive round's teacher are needed on every rank."""
-    device = next((read(f).device for f in frags if f.numel), torch.device("cpu"))
-    out: dict[str, torch.Tensor] = {}
-    i = 0
-    while i < len(frags):
-        bucket, total = [], 0
-        while i < len(frags) and (not bucket or total + frags[i].full_numel <= _BUCKET):
-            bucket.append((frags[i], total))
-            total += frags[i].full_numel
-            i += 1
-        buf = torch.zeros(total, dtype=torch.float32, device=device)
-        for f, off in bucket:
-            if f.numel:
-                buf[off + f.start: off + f.start + f.numel].copy_(read(f))
-        if world_size() > 1:
-            dist.all_reduce(buf)
-        for f, off in bucket:
-            out[f.name] = buf[off: off + f.full_numel].view(f.shape)
-    return out
+    """Full fp32 tensors on every rank, on the slices' device (collective): the target network and a progressive
+    round's teacher are needed on every rank."""
+    return gather_to_all(frags, read, on_device=True)
 
 
 def teacher_digest(checkpoint: str, use_ema: bool) -> str:

@@ -94,6 +94,15 @@ class _MomentAccumulator:
         return self.shift + m, (sigma + sigma.T) / 2
 
 
+def stats_in_batches(feats: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features accumulated in batches of ``batch_size`` in row order, as ``compute_fid_stats``
+    accumulates a source's: features gathered from several ranks give bitwise the statistics of one pass."""
+    acc = _MomentAccumulator()
+    for i in range(0, len(feats), batch_size):
+        acc.add(feats[i:i + batch_size])
+    return acc.result()
+
+
 def stats_from_features(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) in float64 from an (N, D) feature array; sigma equals ``np.cov(feats, rowvar=False)``."""
     feats = np.asarray(feats, np.float64)

@@ -2,7 +2,14 @@
 
 The evaluation package sits above the trainer, so the CLI builds ``training_hooks(cfg)`` and hands it to
 ``trainer.loop.train``; the loop then calls ``hooks.evaluate(model, text_encoder, autoencoder, step, tracker)``
-on rank 0 with the EMA (or gathered) weights in a plain ``nn.Module``.
+on every rank with the EMA (or raw) weights in a plain ``nn.Module``.
+
+The work is sharded over the ranks: rank r generates the suite's items ``r, r + world, ...`` (each with the
+``image_seed`` an unsharded run gives it) and runs the FID Inception (preprocess and forward) on its own images;
+the images (uint8) and their features (float32) come to rank 0 as tensors, in item order. Rank 0 computes the
+FID/KID statistics from the features exactly as ``fid.compute_fid_stats`` accumulates them (batches of
+``fid.batch_size`` in item order) and the per-image scores (CLIP score, rewards, adherence) through
+``MetricSet`` on the gathered images: those still run on rank 0 alone.
 
 Images stay in memory (nothing is written); the FID network and the reference statistics are loaded
 once per process and suite, so later calls cost only sampling and feature extraction.
@@ -10,17 +17,23 @@ once per process and suite, so later calls cost only sampling and feature extrac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+
+import numpy as np
+import torch
 
 from tessera.assets import require_assets
 from tessera.config import config_hash, to_dict
 from tessera.evaluation.config import EvalSuiteConfig, load_suite, resolve_spec
+from tessera.evaluation.fid import iter_features, stats_in_batches
 from tessera.evaluation.generate import ModelGenerator, image_seed, work_items
-from tessera.evaluation.images import PILSource
+from tessera.evaluation.inception import FEATURE_DIM
 from tessera.evaluation.metrics import ITEM_KEYS, MetricSet
 from tessera.trainer.diffusion.sampling import SamplerConfig
-from tessera.trainer.grids import TrainHooks
+from tessera.trainer.distributed import dealt, gather_dealt, rank
+from tessera.trainer.grids import TrainHooks, gather_images
 
 log = logging.getLogger("tessera.eval.in_training")
 
@@ -35,10 +48,27 @@ def metric_set_for(suite_cfg: EvalSuiteConfig) -> MetricSet:
     return _METRIC_SETS[key]
 
 
+def _without_fid(cfg: EvalSuiteConfig) -> EvalSuiteConfig:
+    """The suite with FID/KID off: its ``MetricSet`` scores the images while FID/KID come from gathered features."""
+    return dataclasses.replace(cfg, fid=dataclasses.replace(cfg.fid, enabled=False),
+                               kid=dataclasses.replace(cfg.kid, enabled=False))
+
+
+def _features(metric_set: MetricSet, images: list, batch_size: int) -> np.ndarray:
+    """(n, 2048) float32 FID features of this rank's images (n may be 0)."""
+    feats = list(iter_features(images, metric_set.inception(), batch_size))
+    return np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32)
+
+
 def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg: EvalSuiteConfig, step: int,
                      tracker=None, *, sampler_cfg=None, size: tuple[int, int] | None = None,
-                     prefix: str | None = None) -> dict:
-    """Generate the suite's images from in-memory weights, compute its metrics, log them at ``step``."""
+                     prefix: str | None = None, sharded: bool = False) -> dict:
+    """Generate the suite's images from in-memory weights, compute its metrics, log them at ``step``.
+
+    ``sharded``: collective over the process group (see the module docstring); rank 0 logs and returns the
+    metrics, other ranks return {}. The images are those of an unsharded run (same seeds), and so are the metrics
+    as long as the FID Inception gives an image the same features in a smaller batch.
+    """
     suite_cfg.check()
     s = suite_cfg.sampling
     if size is None and (s.height is None or s.width is None):
@@ -47,19 +77,35 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
     metric_set = metric_set_for(suite_cfg)
     prompts = metric_set.prompts()
     items = work_items(len(prompts), s.images_per_prompt)
+    mine = [items[i] for i in (dealt(len(items)) if sharded else range(len(items)))]
     was_training = model.training
     t0 = time.perf_counter()
     try:
         gen = ModelGenerator(model, text_encoder, autoencoder, objective_cfg, spec)
         images = []
-        for i in range(0, len(items), s.batch_size):
-            chunk = items[i:i + s.batch_size]
+        for i in range(0, len(mine), s.batch_size):
+            chunk = mine[i:i + s.batch_size]
             images += gen([prompts[p] for p, _ in chunk], [image_seed(s.seed, p, k) for p, k in chunk])
     finally:
         model.train(was_training)
-    gen_seconds = time.perf_counter() - t0
+    gen_seconds = time.perf_counter() - t0  # this rank's (rank 0's when sharded)
+    feats = _features(metric_set, images, suite_cfg.fid.batch_size) if suite_cfg.fid.enabled else None
+    if sharded:
+        device = next(model.parameters()).device
+        images = gather_images(images, len(items), (spec.height, spec.width), device)
+        if feats is not None:
+            feats = gather_dealt(torch.from_numpy(feats), len(items), device)
+            feats = None if feats is None else feats.numpy()
+        if rank() != 0:
+            return {}
+    metrics: dict = {"n_images": len(items)}
+    if suite_cfg.fid.enabled:
+        # the same accumulation batches as MetricSet's pass over images: equal features, bitwise equal statistics
+        metric_set.fid_kid_from(*stats_in_batches(feats, suite_cfg.fid.batch_size), feats, metrics)
     index = {it: i for i, it in enumerate(items)}
-    metrics, per_image, _, _ = metric_set.evaluate(PILSource(images), items, lambda it: images[index[it]], prompts)
+    scores, per_image, _, _ = metric_set_for(_without_fid(suite_cfg)).evaluate(
+        None, items, lambda it: images[index[it]], prompts)
+    metrics.update(scores)
     metrics["generate_seconds"] = round(gen_seconds, 3)
     prefix = prefix or f"eval/{suite_cfg.name}"
     if tracker is not None:
@@ -83,6 +129,7 @@ def training_hooks(cfg):
 
     def evaluate(model, text_encoder, autoencoder, step, tracker):
         return evaluate_weights(model, text_encoder, autoencoder, cfg.objective, suite, step, tracker,
-                                sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width))
+                                sampler_cfg=cfg.samples.sampler, size=(cfg.samples.height, cfg.samples.width),
+                                sharded=True)
 
     return TrainHooks(evaluate=evaluate)

@@ -168,16 +168,21 @@ class MetricSet:
 
     def _fid_kid(self, source, metrics: dict) -> dict:
         """FID (and KID) of the generated images against the reference; returns the reference description."""
-        mu_r, sig_r, meta_r, desc = self.reference()
         mu_g, sig_g, meta_g = compute_fid_stats(source, self.inception(), self.cfg.fid.batch_size, None,
                                                 keep_features=self.cfg.kid.enabled)
         if meta_g["failures"]:
             metrics["generated_decode_failures"] = sum(meta_g["failures"].values())
+        return self.fid_kid_from(mu_g, sig_g, meta_g.get("features"), metrics)
+
+    def fid_kid_from(self, mu_g, sig_g, feats_g, metrics: dict) -> dict:
+        """FID (and KID, from the features ``feats_g``) of generated statistics against the reference, into
+        ``metrics``; returns the reference description. The seam sharded in-training evaluation computes through."""
+        mu_r, sig_r, meta_r, desc = self.reference()
         metrics["fid"] = frechet_distance(mu_g, sig_g, mu_r, sig_r)
         if self.cfg.kid.enabled:
             k = self.cfg.kid
-            size = min(k.subset_size, len(meta_r["features"]), len(meta_g["features"]))
-            metrics["kid"], metrics["kid_std"] = kid(meta_r["features"], meta_g["features"], n_subsets=k.subsets,
+            size = min(k.subset_size, len(meta_r["features"]), len(feats_g))
+            metrics["kid"], metrics["kid_std"] = kid(meta_r["features"], feats_g, n_subsets=k.subsets,
                                                      subset_size=size, seed=k.seed)
             metrics["kid_mean"] = metrics["kid"]  # torchmetrics' name for it (KernelInceptionDistance -> kid_mean)
             metrics["kid_subset_size"] = size

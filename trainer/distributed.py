@@ -172,6 +172,36 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     return out
 
 
+def dealt(n: int) -> range:
+    """The indices of ``n`` work items this rank takes when they are dealt round-robin (``r, r + world, ...``)."""
+    return range(rank(), n, world_size())
+
+
+def gather_dealt(local: torch.Tensor, total: int, compute: torch.device | None = None) -> torch.Tensor | None:
+    """Rows dealt round-robin (this rank holds rows ``dealt(total)`` of ``local``), reassembled in order on rank 0
+    (CPU); None on other ranks. Collective.
+
+    Tensors only, nothing pickled: each rank pads its rows to ``ceil(total / world)`` and one ``gather`` brings them
+    to rank 0, on the device the group takes for ``compute``'s type (``collective_device``: a pure NCCL group takes
+    only CUDA tensors). Every rank must pass the same row shape and dtype, also a rank with no rows.
+    """
+    world, r = world_size(), rank()
+    if local.shape[0] != len(dealt(total)):
+        raise ValueError(f"rank {r} holds {local.shape[0]} rows, but {len(dealt(total))} of {total} are dealt to it")
+    if world == 1:
+        return local.cpu()
+    per = -(-total // world)
+    dev = collective_device(str(dist.get_backend()), compute or local.device)
+    buf = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=dev)
+    buf[: local.shape[0]].copy_(local)
+    parts = [torch.empty_like(buf) for _ in range(world)] if r == 0 else None
+    dist.gather(buf, parts, dst=0)
+    if parts is None:
+        return None
+    # parts[q][j] is row q + j * world: interleave (per, world, ...) back into item order.
+    return torch.stack(parts, 1).reshape(per * world, *local.shape[1:])[:total].cpu()
+
+
 def shared_run_id(configured: str | None, make_new: Callable[[], str]) -> str:
     """One run id for every rank: the configured one; else the launcher's job id (``TESSERA_RUN_ID``,
     torchrun's ``TORCHELASTIC_RUN_ID``, ``SLURM_JOB_ID``), so a requeued job continues its run; else rank 0's

@@ -2,9 +2,9 @@
 
 Each rank averages only the slice of the master weights it owns (``zero_state.Fragment``), on the device
 where DeepSpeed keeps it: an update is one fused lerp over local tensors, with no communication and 1/world
-of the memory. Each rank checkpoints its own slices; the full EMA is assembled on rank 0 only to sample from
-it (grids, in-training evaluation). Slices are elementwise, so the result is bitwise the EMA of the full
-parameters (tests/trainer/test_zero_state.py).
+of the memory. Each rank checkpoints its own slices; the full EMA is assembled only to sample from it: on every
+rank for the sharded grids and in-training evaluation (``gather_all``), on rank 0 for tools (``gather``). Slices
+are elementwise, so the result is bitwise the EMA of the full parameters (tests/trainer/test_zero_state.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.trainer.zero_state import Fragment, gather_to_rank0
+from tessera.trainer.zero_state import Fragment, gather_to_all, gather_to_rank0
 
 
 @dataclass(kw_only=True)
@@ -59,6 +59,10 @@ class ShardedEMA:
     def gather(self) -> dict[str, torch.Tensor]:
         """Full EMA tensors on rank 0 ({} elsewhere); collective."""
         return gather_to_rank0(self.frags, lambda f: self.shadow[f.name])
+
+    def gather_all(self) -> dict[str, torch.Tensor]:
+        """Full EMA tensors on every rank (CPU), for sharded sampling; collective."""
+        return gather_to_all(self.frags, lambda f: self.shadow[f.name])
 
     @torch.no_grad()
     def load_slices(self, slices: dict[str, torch.Tensor]) -> None:

@@ -12,7 +12,8 @@ view of it in the fp32 master weights or in an Adam moment, on the device DeepSp
   through DeepSpeed's setters (``safe_set_local_*``) into the real partitions.
 
 With fragments the EMA lives on each rank's own slice (no per-step gather), and each rank checkpoints its own
-slices (``trainer/shards.py``). ``gather_to_rank0`` remains for sampling (grids, the fine-tuning guard).
+slices (``trainer/shards.py``). ``gather_to_rank0`` remains for sampling on rank 0 (the fine-tuning guard), and
+``gather_to_all`` gives every rank the whole weights for sharded sampling (grids, in-training evaluation).
 """
 
 from __future__ import annotations
@@ -109,14 +110,9 @@ def _z3_set(p, n: int, key: str | None, value: torch.Tensor) -> None:
         safe_set_local_optimizer_state(p, full, key)
 
 
-def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full fp32 tensors on rank 0 (CPU) from every rank's slices ``read(fragment)``; {} on other ranks.
-
-    Collective: every rank calls it with the same fragments. Slices are disjoint, so a SUM-reduce of
-    zero-filled buckets assembles each tensor exactly.
-    """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out: dict[str, torch.Tensor] = {}
+def _buckets(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor]):
+    """Yield ``(bucket, buf)``: consecutive fragments of at most ``_BUCKET`` elements as [(fragment, offset)] and a
+    flat fp32 buffer holding this rank's slices at their places (zeros elsewhere), on the slices' device."""
     device = next((read(f).device for f in frags if f.numel), torch.device("cpu"))
     i = 0
     while i < len(frags):
@@ -132,12 +128,48 @@ def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tens
         for f, off in bucket:
             if f.numel:
                 buf[off + f.start: off + f.start + f.numel].copy_(read(f))
+        yield bucket, buf
+
+
+def _unpack(bucket, buf: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """The bucket's tensors, on the CPU, into ``out``."""
+    host = buf if buf.device.type == "cpu" else buf.to("cpu")
+    for f, off in bucket:
+        out[f.name] = host[off: off + f.full_numel].view(f.shape)
+
+
+def gather_to_rank0(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors on rank 0 (CPU) from every rank's slices ``read(fragment)``; {} on other ranks.
+
+    Collective: every rank calls it with the same fragments. Slices are disjoint, so a SUM-reduce of
+    zero-filled buckets assembles each tensor exactly.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out: dict[str, torch.Tensor] = {}
+    for bucket, buf in _buckets(frags, read):
         if world_size() > 1:
             dist.reduce(buf, dst=0)
         if rank == 0:
-            host = buf if buf.device.type == "cpu" else buf.to("cpu")
-            for f, off in bucket:
-                out[f.name] = host[off: off + f.full_numel].view(f.shape)
+            _unpack(bucket, buf, out)
+    return out
+
+
+def gather_to_all(frags: list[Fragment], read: Callable[[Fragment], torch.Tensor],
+                  on_device: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors on every rank, as ``gather_to_rank0`` assembles them, by an all-reduce per bucket.
+
+    For sampling on every rank (sharded grids and in-training evaluation): on the CPU, each bucket leaving the
+    device as soon as it is reduced, so the device holds one bucket (64 MB) beyond what training holds and the
+    host one copy of the weights per rank until the caller has built its model. ``on_device``: the tensors stay
+    where the slices are (distillation's target network and teacher, refreshed on every rank)."""
+    out: dict[str, torch.Tensor] = {}
+    for bucket, buf in _buckets(frags, read):
+        if world_size() > 1:
+            dist.all_reduce(buf)
+        if on_device:
+            out.update((f.name, buf[off: off + f.full_numel].view(f.shape)) for f, off in bucket)
+        else:
+            _unpack(bucket, buf, out)
     return out
 
 
