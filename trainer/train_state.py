@@ -64,7 +64,7 @@ class _Save:
     t0: float
     stall_s: float
     phase: str = "write"
-    write_s: list[float] = field(default_factory=list)  # per rank
+    slowest: tuple[float, int] = (0.0, 0)  # (seconds, rank) of the slowest rank's write
     meta: dict = field(default_factory=dict)  # rank 0: index.json and trainer_state.json, less the timings
 
 
@@ -153,36 +153,55 @@ class Checkpointer:
         """One rank alone: its files, then the commit, on the writer thread."""
         t0 = time.perf_counter()
         self._write(s.url, s.step, plan, data, small, extra)
-        s.write_s = [time.perf_counter() - t0]
+        s.slowest = (time.perf_counter() - t0, 0)
         self._commit(s)
 
     def status(self) -> list[float]:
-        """This rank's slot of the vector the ranks sum each step: its writer's state (``AsyncWriter.code``)."""
-        out = [0.0] * world_size()
-        if self._save is not None:
-            out[rank()] = self.writer.code()
-        return out
+        """This rank's part of the vector the ranks sum each step: [its write failed, its write is done, rank 0's
+        writer code (``AsyncWriter.code``)]. Three numbers whatever the world size: the step's all-reduce does not
+        grow with the ranks; who failed and who was slowest is asked only when it happens (``settle``)."""
+        if self._save is None:
+            return [0.0, 0.0, 0.0]
+        code = self.writer.code()
+        return [float(code < 0), float(code > 0), code if rank() == 0 else 0.0]
 
-    def settle(self, codes: list[float]) -> None:
-        """Act on every rank's writer state (the summed ``status``), identically on every rank: raise when a
-        write failed; when all have written, rank 0 starts the commit; when the commit is done, report it."""
+    def _reduce(self, value: float, op) -> float:
+        """One scalar reduced over the ranks (the rare paths of ``settle``: a failure, a finished write)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if world_size() > 1:
+            dist.all_reduce(t, op=op)
+        return float(t.item())
+
+    def settle(self, summed: list[float]) -> None:
+        """Act on the ranks' summed ``status``, identically on every rank: raise when a write failed; when all have
+        written, rank 0 starts the commit; when the commit is done, report it."""
         s = self._save
         if s is None:
             return
-        failed = [r for r, c in enumerate(codes) if c < 0] if s.phase == "write" else [0] if codes[0] < 0 else []
-        if failed:
-            self._save = None
-            box = [self.writer.error if rank() == failed[0] else None]
-            if world_size() > 1:  # the error text lives on the failed rank only
-                dist.broadcast_object_list(box, src=failed[0])
-            raise CheckpointWriteError(f"checkpoint step {s.step}: writing failed on rank "
-                                       f"{', '.join(map(str, failed))}: {box[0]}")
-        if s.phase == "write" and all(c > 0 for c in codes):
-            s.phase, s.write_s = "commit", [c - 1.0 for c in codes]
+        failed, done, r0 = summed
+        code = self.writer.code()
+        if s.phase == "write" and failed > 0:  # who: the lowest failed rank names it (its error text lives there)
+            first = int(self._reduce(rank() if code < 0 else world_size(), dist.ReduceOp.MIN))
+            self._fail(s, first, int(failed))
+        if s.phase == "commit" and r0 < 0:
+            self._fail(s, 0, 1)
+        if s.phase == "write" and int(done) == world_size():
+            mine = code - 1.0
+            seconds = self._reduce(mine, dist.ReduceOp.MAX)
+            slowest = int(self._reduce(rank() if mine == seconds else world_size(), dist.ReduceOp.MIN))
+            s.phase, s.slowest = "commit", (seconds, slowest)
             if rank() == 0:
                 self.writer.submit(s.step, lambda: self._commit(s))
-        elif s.phase == "commit" and codes[0] > 0:
-            self._done(s, codes[0] - 1.0)
+        elif s.phase == "commit" and r0 > 0:
+            self._done(s, r0 - 1.0)
+
+    def _fail(self, s: _Save, first: int, n: int) -> None:
+        self._save = None
+        box = [self.writer.error if rank() == first else None]
+        if world_size() > 1:  # the error text lives on the failed rank only
+            dist.broadcast_object_list(box, src=first)
+        more = f" and {n - 1} other rank(s)" if n > 1 else ""
+        raise CheckpointWriteError(f"checkpoint step {s.step}: writing failed on rank {first}{more}: {box[0]}")
 
     def _commit(self, s: _Save) -> None:
         """Rank 0's writer thread: metadata, then ``COMPLETE``, rename, ``latest``, prune."""
@@ -195,10 +214,9 @@ class Checkpointer:
     def _timing(self, s: _Save) -> dict:
         """How long the save took: what ``tessera submit`` checks the preemption grace period against."""
         nbytes = sum(lay["bytes"] for lay in s.meta.get("index", {}).get("shards", []))
-        slowest = max(range(len(s.write_s)), key=s.write_s.__getitem__)
-        return {"stall_s": round(s.stall_s, 4), "write_s": round(s.write_s[slowest], 4), "slowest_rank": slowest,
-                "seconds": round(s.stall_s + s.write_s[slowest], 4), "shard_bytes": nbytes,
-                "world_size": len(s.write_s)}
+        seconds, slowest = s.slowest
+        return {"stall_s": round(s.stall_s, 4), "write_s": round(seconds, 4), "slowest_rank": slowest,
+                "seconds": round(s.stall_s + seconds, 4), "shard_bytes": nbytes, "world_size": world_size()}
 
     def _done(self, s: _Save, commit_s: float) -> None:
         self._save = None

@@ -62,7 +62,7 @@ class _Engine:
 
 
 def _save_as_rank(rank: int, world: int, port: int, root: str, config: str, step: int, env: dict, pause: float,
-                  ready=None, fail_rank: int = -1, errors=None) -> None:
+                  ready=None, fail_rank: int = -1, errors=None, slow_rank: int = -1) -> None:
     """One rank of a real gloo group that saves the synthetic state of ``step`` and exits; with ``fail_rank`` that
     rank's write fails after its shard, and every rank puts the error it raised on ``errors``."""
     os.environ.update(env)  # the fork server started before the S3 fixture set the endpoint and credentials
@@ -77,7 +77,7 @@ def _save_as_rank(rank: int, world: int, port: int, root: str, config: str, step
     loader = SimpleNamespace(state_dict=lambda: {"rank": rank, "step": step})
 
     def between_files(s: int) -> None:
-        time.sleep(pause)
+        time.sleep(pause if slow_rank in (-1, rank) else 0.0)
         if rank == fail_rank:
             raise OSError(f"injected write failure on rank {rank}")
 
@@ -86,6 +86,8 @@ def _save_as_rank(rank: int, world: int, port: int, root: str, config: str, step
         ready.set()
     try:
         ckpt.save(_Engine(), frags, ema, loader, TS.TrainState(step=step, samples=step * 8))
+        if slow_rank >= 0:  # what this rank adds to the step's all-reduce while its write is in flight
+            errors.put((rank, len(ckpt.status())))
         ckpt.finish()
     except TS.CheckpointWriteError as e:
         errors.put((rank, str(e)))
@@ -366,3 +368,23 @@ def test_run_id_comes_from_config_then_launcher(monkeypatch):
     assert shared_run_id(None, lambda: "new") == "slurm-4242"  # a requeued job continues its run
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
     assert shared_run_id(None, lambda: "new") == "job7"
+
+
+def test_writer_state_in_the_step_all_reduce_has_a_fixed_size_and_the_slowest_rank_is_found(tmp_path):
+    """Each rank adds 3 numbers to the step's all-reduce, at 2 ranks as at 4 (not one per rank); which rank wrote
+    slowest is asked only once all have written, and the checkpoint's timing names it (rank 3, made slow)."""
+    config = str(tmp_path / "config.yaml")
+    Path(config).write_text("a: 1\n")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    for world in (2, 4):
+        root, errors, port = str(tmp_path / f"ck{world}"), ctx.Queue(), _port()
+        procs = [ctx.Process(target=_save_as_rank, args=(r, world, port, root, config, 1, {}, 0.4, None, -1, errors,
+                                                         world - 1)) for r in range(world)]
+        for p in procs:
+            p.start()
+        _join(procs)
+        assert [p.exitcode for p in procs] == [0] * world
+        assert sorted(errors.get(timeout=5) for _ in range(world)) == [(r, 3) for r in range(world)]
+        save = C.read_json(storage.join(C.CheckpointManager(root).resolve("auto"), "trainer_state.json"))["save"]
+        assert save["slowest_rank"] == world - 1 and save["write_s"] >= 0.4 and save["world_size"] == world, save
