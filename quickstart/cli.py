@@ -27,6 +27,12 @@ def add_commands(sub) -> None:
                    help="directory with data/precompute/train/eval.yaml (default: configs/quickstart)")
     p.add_argument("--no-recaption", dest="recaption", action="store_false",
                    help="skip the attributes re-captioning stage and train on the alt text only")
+    p.add_argument("--control", action="store_true",
+                   help="after the final FID, train a ControlNet (DiT control branch) on Canny edges of the quickstart "
+                        "data and report its control adherence (adds about --control-minutes + 1.5 min, outside "
+                        "--budget)")
+    p.add_argument("--control-minutes", type=float, default=3.0, metavar="MIN",
+                   help="training minutes of the control branch (default: 3)")
     p.set_defaults(func=cmd_quickstart)
 
 
@@ -35,12 +41,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from tessera.quickstart.run import CONFIG_DIR, QuickstartOptions, run_quickstart
 
     if (args.minutes is not None and args.minutes <= 0) or args.budget <= 0 or args.nproc < 1 or (
-            args.subset is not None and args.subset < 2):
-        print("tessera: error: --minutes and --budget must be > 0, --nproc >= 1 and --subset >= 2", file=sys.stderr)
+            args.subset is not None and args.subset < 2) or args.control_minutes <= 0:
+        print("tessera: error: --minutes, --budget and --control-minutes must be > 0, --nproc >= 1 and --subset >= 2",
+              file=sys.stderr)
         return 2
     opts = QuickstartOptions(minutes=args.minutes, budget=args.budget, out=args.out, subset=args.subset,
                              nproc=args.nproc, configs=args.configs or str(CONFIG_DIR),
-                             recaption=args.recaption)
+                             recaption=args.recaption, control=args.control, control_minutes=args.control_minutes)
     try:
         run_quickstart(opts)
     except RuntimeError as e:  # a failed stage: its message names the logs; a rerun resumes from there

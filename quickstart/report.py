@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tessera import report as R
 from tessera.config import dump_yaml
+from tessera.quickstart.control import control_adherence, control_section
 from tessera.tracking import Run, Tracker
 
 _CSS = """body{max-width:1100px;margin:2em auto;padding:0 1em}h1{margin-bottom:.2em}
@@ -202,6 +203,7 @@ def write_report(paths, data: dict, cfg, grid_items) -> Path:
         R.el("h2", "Sample grids over training"), *grids_section(paths, data, cfg, grid_items),
         R.el("h2", "Prompt adherence"), *adherence_section(rows, data),
         R.el("h2", "Captions before and after re-captioning"), *captions_section(data, cfg),
+        *control_section(data),
         R.el("h2", "Training loss"), loss_plot(rows, f"{cfg.objective.name} loss"),
         R.el("h2", "Throughput"), *throughput_section(rows, cfg),
         R.el("h2", "Stage timings"), *stages_section(data),
@@ -234,6 +236,8 @@ def log_to_wandb(paths, data: dict, cfg) -> str | None:
     if fid.get("step0") and fid.get("final"):
         metrics["quickstart/fid_ratio"] = fid["final"]["fid"] / fid["step0"]["fid"]
     metrics.update({f"quickstart/{k}": v for k, v in throughput(read_metrics(paths.run)).items()})
+    adh = control_adherence(data) or {}
+    metrics.update({f"quickstart/control_{k}": adh[k] for k in ("value", "floor", "ceiling") if adh.get(k) is not None})
     tracker.log(metrics, step=fid.get("final", {}).get("step", 0))
     mode = tracker.mode
     with contextlib.redirect_stdout(io.StringIO()):  # its message names one session; ours names them all
@@ -255,6 +259,10 @@ def print_summary(paths, data: dict) -> None:
         final = fid["final"]
         print(f"colour adherence {fid['step0'].get('colour_adherence') or 0:.2f} (step 0) -> "
               f"{final['colour_adherence']:.2f} (final; real images {final['colour_adherence_real']:.2f})")
+    adh = control_adherence(data)
+    if adh:
+        print(f"control adherence ({adh['metric']}) {adh['value']:.3f} with control, {adh['floor'] or 0:.3f} without "
+              f"(floor), {adh['ceiling']:.3f} for the real images (ceiling)")
     print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in st.items())
           + f"; this run {data.get('wall_s_this_run', 0):.0f}s wall")
     for k, v in _locations(paths).items():

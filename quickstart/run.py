@@ -16,6 +16,7 @@ resumes where the last one stopped):
                ``segments`` equal parts; the trainer resumes from its last checkpoint each time and writes a
                grid of the held-out prompts at the end of each part (33%, 66%, 100% of the budget)
 7. final       FID of the final EMA weights, ``<out>/report.html``, the W&B offline run
+   (--control)   a ControlNet on the final model, and its control adherence (``quickstart/control.py``)
 
 Configs live in ``configs/quickstart/`` (data, recaption, precompute, train, eval); the quickstart only fills in paths,
 the time budget, the held-out prompts and, with ``--subset``, the source limits.
@@ -68,6 +69,8 @@ class QuickstartOptions:
     nproc: int = 2
     configs: str = str(CONFIG_DIR)
     recaption: bool = True  # False: train on the alt text only (the stage is skipped and recorded as off)
+    control: bool = False  # the control stage after the final FID (quickstart/control.py); not in ``budget``
+    control_minutes: float = 3.0  # the control branch's training budget
 
 
 class Paths:
@@ -419,6 +422,10 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         state.done("final")
     else:
         run_final(paths, state, ev, fid)
+    if opts.control:
+        from tessera.quickstart.control import run_control
+
+        run_control(opts, paths, state)
 
     if opts.recaption:
         state.data["caption_examples"] = caption_examples(opts, grid_items)
