@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -126,3 +127,22 @@ def test_reflow_on_an_eps_teacher_is_refused_naming_the_alternatives(teachers):
     assert out.returncode != 0
     assert "reflow" in out.stderr and "'ddpm'" in out.stderr and "progressive, lcm" in out.stderr
     assert str(teachers["eps"]) in out.stderr
+
+
+def test_lcm_on_two_ranks_trains_like_one_rank_with_the_same_readers(teachers):
+    """The distillation loop is the trainer's: 2 ranks x batch 4 (one loader reader each) take the steps of 1 rank x
+    batch 4 x 2 accumulated micro-batches with 2 readers (a worker yields whole batches: the same samples per step,
+    the same per-sample draws), so losses and the student's weights, Adam moments and EMA target agree to float
+    tolerance (the gradient all-reduce sums in another order)."""
+    common = {"train.total_samples": 32, "train.deterministic": "true", "data.shuffle_buffer": 0}
+    one = _run(teachers, "lcm-1x4x2", **common, **{"data.batch_size": 4, "optim.grad_accum": 2, "data.num_workers": 2})
+    H.check(D.run_distill(_ovs(teachers, "lcm-2x4", **common, **{"data.batch_size": 4, "data.num_workers": 1}),
+                          nproc=2))
+    two = teachers["tmp"] / "druns" / "lcm-2x4"
+    assert {p.name for p in (two / "logs").iterdir()} == {"rank0.log", "rank1.log"}
+    rows1, rows2 = H.metrics(one), H.metrics(two)
+    assert [r["samples"] for r in rows2] == [r["samples"] for r in rows1] == [8, 16, 24, 32]
+    assert [r["loss"] for r in rows2] == pytest.approx([r["loss"] for r in rows1], rel=1e-4)
+    for kind in ("weight", "ema", "exp_avg"):
+        a, b = H.ckpt_tensors(H.ckpt_dir(one, 4), kind), H.ckpt_tensors(H.ckpt_dir(two, 4), kind)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), kind
