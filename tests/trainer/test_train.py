@@ -101,6 +101,19 @@ def test_consecutive_nonfinite_steps_roll_back_or_stop(work):
 
 
 @pytest.mark.slow
+def test_a_run_that_fails_with_loader_workers_alive_exits_instead_of_hanging(work):
+    """The first step raises (text embeddings wider than the model takes) while 2 loader workers, which ignore
+    SIGTERM, hold batches: the process must report the error and exit, not hang in multiprocessing's exit join."""
+    import subprocess
+
+    out = H.run_train(_ovs(work, "fails", **{"data.num_workers": 2, "model.dit.text_dim": 48,
+                                             "train.total_samples": 16}), timeout=240)
+    assert out.returncode != 0 and "mat1 and mat2 shapes cannot be multiplied" in out.stderr
+    leftover = subprocess.run(["pgrep", "-f", "run.id=fails"], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"loader workers outlived the run: {leftover}"
+
+
+@pytest.mark.slow
 def test_monitoring_metrics_are_present_and_plausible(work):
     from tessera.config import load_config
     from tessera.trainer.config import TrainJobConfig

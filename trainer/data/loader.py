@@ -33,6 +33,8 @@ Trainer use::
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -51,6 +53,19 @@ STATE_FORMAT = "tessera-loader/2"
 RUN_KEYS = ("format", "fingerprint", "seed", "batch_size", "partial_buckets", "shuffle_buffer")
 COUNTERS = ("batches", "samples", "empty_batches", "variant_fallbacks", "partial_bucket_samples_carried",
             "partial_bucket_samples_dropped", "lockstep_samples_carried", "lockstep_samples_dropped")
+
+# DataLoader iterators with live worker processes. The workers ignore SIGTERM (``worker.ignore_preemption_signals``),
+# so when a run dies with an exception while a batch generator is suspended (its frame kept alive by the traceback),
+# multiprocessing's exit handler would SIGTERM and then join them forever: the process hangs instead of exiting.
+# This atexit hook, registered after multiprocessing's (torch imports it first) and so run before it, shuts them
+# down the way the iterator's own ``__del__`` does.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        getattr(it, "_shutdown_workers", lambda: None)()
 
 
 def _spec(cfg: LoaderConfig, text_encoder_id: str | None, autoencoder_id: str | None) -> SampleSpec:
@@ -123,6 +138,8 @@ class TrainLoader:
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         worker_init_fn=ignore_preemption_signals if workers else None)
         expected, it = self._expected(), iter(dl)
+        if workers:
+            _LIVE_ITERATORS.add(it)
         try:
             for batch in it:
                 want = next(expected, None)
