@@ -16,13 +16,14 @@ diffusers pipeline format (``trainer/lora_diffusers.py``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tessera.trainer.models.pinned import BaseMismatch, PinnedBase
 
 log = logging.getLogger("tessera.train")
 
@@ -59,24 +60,16 @@ class LoraSettings:
                           target_modules=self.target_modules or DEFAULT_TARGETS[family])
 
 
-class LoraBaseMismatch(ValueError):
+class LoraBaseMismatch(BaseMismatch):
     """LoRA adapter weights paired with another base than the one they were trained on."""
 
 
-def fingerprint(model: nn.Module) -> bytes:
-    """sha256 of a module's state (names, dtypes, shapes, bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
-
-
-class LoraModel(nn.Module):
+class LoraModel(PinnedBase):
     """A frozen base with LoRA layers injected in place; attributes it lacks (``family``, ``config``, ``blocks``,
     ``unet``) are the base's, so FLOPs, regional compile and the loader treat it as its base."""
+
+    what = "this LoRA adapter"
+    mismatch = LoraBaseMismatch
 
     def __init__(self, base: nn.Module, settings: LoraSettings, source: str | None = "the base model") -> None:
         """``source``: where the base's weights came from (for messages); None for a base with no weights loaded
@@ -84,11 +77,8 @@ class LoraModel(nn.Module):
         from peft import inject_adapter_in_model
 
         super().__init__()
-        self._pinned = fingerprint(base) if source else None
-        self._source, self._checked = source, False
-        self.register_buffer("base_fingerprint", torch.zeros(32, dtype=torch.uint8))
-        if self._pinned is not None:
-            self.base_fingerprint.copy_(torch.frombuffer(bytearray(self._pinned), dtype=torch.uint8))
+        if source:
+            self.pin_base(base, source)
         base.requires_grad_(False)
         target = settings.target_modules or DEFAULT_TARGETS[base.family]
         try:
@@ -111,24 +101,11 @@ class LoraModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args, **kwargs):
-        if not self._checked:  # a resume restores the saved buffer before the first step: it must be this base's
-            self.check_base(self.base_fingerprint, "the restored checkpoint")
-            self._checked = True
+        self.check_restored()
         return self.model(*args, **kwargs)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.set_gradient_checkpointing(enabled)
-
-    def check_base(self, saved: torch.Tensor | None, where: str) -> None:
-        """Refuse adapter weights (``where``) trained on another base than the one loaded here."""
-        if self._pinned is None or saved is None or not bool(saved.any()):
-            return
-        got = bytes(saved.to(torch.uint8).cpu().tolist())
-        if got != self._pinned:
-            raise LoraBaseMismatch(
-                f"{where}: this LoRA adapter was trained on a base model with weights fingerprint {got.hex()[:16]}, "
-                f"but {self._source} has {self._pinned.hex()[:16]}; pair it with the base it was trained on "
-                "(model.init_from in its training config)")
 
     @torch.no_grad()
     def merged_state(self) -> dict[str, torch.Tensor]:

@@ -82,7 +82,7 @@ def test_family_trains_samples_and_resumes(data, family, tmp_path):
     from tessera.trainer import consolidate
     from tessera.trainer import inference as I
     from tessera.trainer.models import load_pretrained
-    from tessera.trainer.models.control import weights_fingerprint
+    from tessera.trainer.models.pinned import weights_fingerprint
 
     tmp, _, _, cond = data
     H.check(H.run_train(_ovs(data, family, f"{family}_ref")))

@@ -25,7 +25,6 @@ which checkpoints carry); a branch paired with other base weights is refused (``
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 from tessera.registry import Registry
 
 from .dit import DiT, prepare_text_mask, timestep_embedding
+from .pinned import BaseMismatch, PinnedBase
 from .mmdit import MMDiT
 from .mmdit import timestep_embedding as mm_timestep_embedding
 
@@ -61,20 +61,8 @@ class ControlConfig:
             raise ValueError(f"control.dropout must be in [0, 1], got {self.dropout}")
 
 
-class ControlBaseMismatch(ValueError):
+class ControlBaseMismatch(BaseMismatch):
     """A control branch paired with base weights other than those it was trained on."""
-
-
-def weights_fingerprint(model: nn.Module) -> bytes:
-    """sha256 of a module's state (names, dtypes, shapes, bytes, in name order): the same weights give the same
-    digest whatever file or format they were loaded from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
 
 
 def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
@@ -84,19 +72,17 @@ def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
     return lin
 
 
-class ControlledModel(nn.Module):
+class ControlledModel(PinnedBase):
     """A frozen ``base`` and a trainable ``control`` branch; ``family``/``config`` are the base's."""
 
     input_space = "latent"
+    what = "this control branch"
+    mismatch = ControlBaseMismatch
 
     def __init__(self, base: nn.Module, cfg: ControlConfig) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.control_cfg = cfg
-        self.register_buffer("base_fingerprint", torch.zeros(32, dtype=torch.uint8))
-        self._pinned: bytes | None = None  # the fingerprint of the base this process loaded
-        self._source = "the base model"
-        self._checked = False
         self.control_checkpointing = False
 
     @property
@@ -109,21 +95,9 @@ class ControlledModel(nn.Module):
         """The base's config."""
         return self.base.config
 
-    def pin_base(self, source: str) -> None:
+    def pin_base(self, source: str) -> None:  # type: ignore[override]
         """Record the loaded base's fingerprint (``source``: where it came from, for messages)."""
-        self._pinned, self._source = weights_fingerprint(self.base), source
-        self.base_fingerprint.copy_(torch.frombuffer(bytearray(self._pinned), dtype=torch.uint8))
-
-    def check_base(self, saved: torch.Tensor | None, where: str) -> None:
-        """Refuse branch weights (``where``) trained on another base than the one pinned here."""
-        if self._pinned is None or saved is None or not bool(saved.any()):
-            return
-        got = bytes(saved.to(torch.uint8).cpu().tolist())
-        if got != self._pinned:
-            raise ControlBaseMismatch(
-                f"{where}: this control branch was trained on a base model with weights fingerprint {got.hex()[:16]}, "
-                f"but {self._source} has {self._pinned.hex()[:16]}; pair it with the base it was trained on "
-                "(model.init_from in its training config)")
+        super().pin_base(self.base, source)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Activation checkpointing of the base's blocks and the branch's."""
@@ -132,9 +106,7 @@ class ControlledModel(nn.Module):
 
     def forward(self, x, t, text, text_mask=None, pooled=None, control=None, control_scale: float | None = None):
         """The base's forward plus the branch's residuals for ``control``, times ``control_scale``."""
-        if not self._checked:  # a resume restores the saved buffer before the first step: it must be this base's
-            self.check_base(self.base_fingerprint, "the restored checkpoint")
-            self._checked = True
+        self.check_restored()
         scale = self.control_cfg.scale if control_scale is None else float(control_scale)
         if control is not None and scale != 0.0:
             control = control.to(x.dtype)
