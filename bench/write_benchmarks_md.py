@@ -66,7 +66,18 @@ def render_one(doc: dict, name: str) -> str:
     if doc.get("notes"):
         lines += ["", "Also measured:", ""]
         lines += [f"- {k}: {json.dumps(v, default=str)}" for k, v in doc["notes"].items()]
-    rest = {k: v for k, v in doc.items() if k not in ("benchmark", "name", "params", "machine", "comparisons", "notes")}
+    summary = doc.get("summary") if isinstance(doc.get("summary"), list) else []
+    if summary and all({"model", "k", "fid"} <= set(r) for r in summary):  # bench/distill.py: one row per model and k
+        lines += ["| model | steps | sampler | FID median (min-max) | colour adherence median (min-max) | ms/image |",
+                  "|---|---|---|---|---|---|"]
+        for r in summary:
+            lines.append(f"| {r['model']} | {r['k']} | {r.get('sampler', '?')} | {r['fid']:.2f} "
+                         f"({r.get('fid_min', 0):.2f}-{r.get('fid_max', 0):.2f}) | {_fmt(r.get('colour_adherence'))} "
+                         f"({_fmt(r.get('colour_adherence_min'))}-{_fmt(r.get('colour_adherence_max'))}) | "
+                         f"{_fmt(r.get('ms_per_image'))} |")
+    skip = ("benchmark", "name", "params", "machine", "comparisons", "notes") + (("summary", "records", "grids")
+                                                                                 if summary else ())
+    rest = {k: v for k, v in doc.items() if k not in skip}
     if rest:  # a script's own result layout (bench/adherence.py: per set), as recorded
         lines += ["", "```json", json.dumps(rest, indent=1, default=str), "```"]
     return "\n".join(lines) + "\n"
