@@ -75,6 +75,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- files
 
 
+def write_files(root: str, files: dict[str, Any], meta: dict[str, str] | None = None) -> None:
+    """Files under ``root`` from ``{relative name: text or tensors}`` (tensors as safetensors with ``meta``): a
+    LoRA checkpoint's extra files, an export's adapter folder."""
+    for name, content in files.items():
+        if isinstance(content, str):
+            storage.write_text(storage.join(root, name), content)
+        else:
+            write_tensors(storage.join(root, name), content, meta)
+
+
 def write_tensors(url: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
     """One safetensors file, fsynced; streamed from a local temp file to S3 (no second copy in memory)."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}

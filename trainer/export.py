@@ -50,9 +50,7 @@ def write_export(out: str, cfg, variants: dict[str, dict[str, torch.Tensor]], *,
 
         default = "ema" if "ema" in variants else "raw"
         files = peft_files(adapter_tensors(variants[default]), cfg.model.lora, cfg.model.name)
-        for name, content in files.items():
-            (storage.write_text if isinstance(content, str) else C.write_tensors)(storage.join(out, ADAPTER_DIR, name),
-                                                                                   content)
+        C.write_files(storage.join(out, ADAPTER_DIR), files)
         extra.update(adapter=ADAPTER_DIR, adapter_weights=default)
     model_cfg = dataclasses.replace(cfg.model, lora=None)  # a LoRA run's weights are exported merged
     meta = {"format": EXPORT_FORMAT, "source_checkpoint": source, "step": step, "samples": samples,

@@ -142,11 +142,7 @@ class Checkpointer:
         self.between_files(step)
         if r == 0:
             storage.copy(self.config_url, storage.join(url, "config.yaml"))
-            for name, content in extra.items():
-                if isinstance(content, str):
-                    storage.write_text(storage.join(url, name), content)
-                else:
-                    C.write_tensors(storage.join(url, name), content, {"format": FORMAT})
+            C.write_files(url, extra, {"format": FORMAT})
             self.between_files(step)
 
     def _write_and_commit(self, s: _Save, plan: S.ShardPlan, data: torch.Tensor, small: dict, extra: dict) -> None:
