@@ -61,7 +61,7 @@ class _Engine:
         return 3
 
 
-def _save_as_rank(rank: int, world: int, port: int, root: str, config: str, step: int, env: dict, pause: float,
+def _save_as_rank(rank: int, world: int, store: str, root: str, config: str, step: int, env: dict, pause: float,
                   ready=None, fail_rank: int = -1, errors=None, slow_rank: int = -1) -> None:
     """One rank of a real gloo group that saves the synthetic state of ``step`` and exits; with ``fail_rank`` that
     rank's write fails after its shard, and every rank puts the error it raised on ``errors``."""
@@ -69,7 +69,7 @@ def _save_as_rank(rank: int, world: int, port: int, root: str, config: str, step
     storage.configure(storage.StorageConfig())
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     frags = _frags(rank, world, step)
     ema = SimpleNamespace(shadow={f.name: _full(step, "ema", f.name).reshape(-1)[f.start:f.start + f.numel]
@@ -148,10 +148,10 @@ def test_a_shard_is_safetensors_and_any_element_range_reads_back(where, tmp_path
 
 def _saved_by_4_ranks(root: str, tmp_path: Path) -> None:
     """A complete checkpoint at ``root`` (step 4) written by a real 4-rank group."""
-    port = _port()
+    store = _store()
     ctx = mp.get_context("forkserver")
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    procs = [ctx.Process(target=_save_as_rank, args=(r, 4, port, root, str(tmp_path / "config.yaml"), 4, env, 0.0))
+    procs = [ctx.Process(target=_save_as_rank, args=(r, 4, store, root, str(tmp_path / "config.yaml"), 4, env, 0.0))
              for r in range(4)]
     for p in procs:
         p.start()
@@ -170,10 +170,12 @@ def _join(procs: list, timeout: float = 60) -> None:
             p.join(10)
 
 
-def _port() -> int:
-    from tessera.trainer.launch import free_port
+def _store() -> str:
+    """A fresh rendezvous file for one group: a file store, not a TCP port (a free port found here can be taken by a
+    test on the other xdist worker before rank 0 binds it: EADDRINUSE)."""
+    import tempfile
 
-    return free_port()
+    return f"file://{tempfile.mkdtemp(prefix='tessera-pg-')}/store"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -225,7 +227,7 @@ def test_only_complete_marks_a_checkpoint_for_every_reader(where, tmp_path, requ
     assert mgr.complete_steps() == [4, 10] and _intact(mgr.resolve("auto"), 4)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.long)])
 def test_sigkill_of_one_rank_while_saving_keeps_the_previous_checkpoint(where, tmp_path, request):
     """4 real ranks save a checkpoint; one, chosen at random, is SIGKILLed at a random moment of the save (inside
     the time an uninterrupted save takes to commit), until 10 kills landed while it was still saving: each time
@@ -246,8 +248,8 @@ def test_sigkill_of_one_rank_while_saving_keeps_the_previous_checkpoint(where, t
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
     def group(step: int, pause: float, ready=None) -> list:
-        port = _port()
-        procs = [ctx.Process(target=_save_as_rank, args=(r, 4, port, root, config, step, env, pause, ready))
+        store = _store()
+        procs = [ctx.Process(target=_save_as_rank, args=(r, 4, store, root, config, step, env, pause, ready))
                  for r in range(4)]
         for p in procs:
             p.start()
@@ -319,8 +321,8 @@ def test_a_failed_write_on_one_rank_fails_every_rank_and_commits_nothing(tmp_pat
     ctx.set_forkserver_preload([__name__])
     errors = ctx.Queue()
     for step, fail in ((1, -1), (2, 2)):
-        port = _port()
-        procs = [ctx.Process(target=_save_as_rank, args=(r, 4, port, root, config, step, {}, 0.0, None, fail, errors))
+        store = _store()
+        procs = [ctx.Process(target=_save_as_rank, args=(r, 4, store, root, config, step, {}, 0.0, None, fail, errors))
                  for r in range(4)]
         for p in procs:
             p.start()
@@ -378,8 +380,8 @@ def test_writer_state_in_the_step_all_reduce_has_a_fixed_size_and_the_slowest_ra
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     for world in (2, 4):
-        root, errors, port = str(tmp_path / f"ck{world}"), ctx.Queue(), _port()
-        procs = [ctx.Process(target=_save_as_rank, args=(r, world, port, root, config, 1, {}, 0.4, None, -1, errors,
+        root, errors, store = str(tmp_path / f"ck{world}"), ctx.Queue(), _store()
+        procs = [ctx.Process(target=_save_as_rank, args=(r, world, store, root, config, 1, {}, 0.4, None, -1, errors,
                                                          world - 1)) for r in range(world)]
         for p in procs:
             p.start()
