@@ -5,11 +5,13 @@ The evaluation package sits above the trainer, so the CLI builds ``training_hook
 on every rank with the EMA (or raw) weights in a plain ``nn.Module``.
 
 The work is sharded over the ranks: rank r generates the suite's items ``r, r + world, ...`` (each with the
-``image_seed`` an unsharded run gives it) and runs the FID Inception (preprocess and forward) on its own images;
-the images (uint8) and their features (float32) come to rank 0 as tensors, in item order. Rank 0 computes the
-FID/KID statistics from the features exactly as ``fid.compute_fid_stats`` accumulates them (batches of
-``fid.batch_size`` in item order) and the per-image scores (CLIP score, rewards, adherence) through
-``MetricSet`` on the gathered images: those still run on rank 0 alone.
+``image_seed`` an unsharded run gives it) and runs the FID Inception (preprocess and forward) on its own images,
+and the per-image scores of CLIP and the rewards (``MetricSet.score_columns``) on its own images too; the images
+(uint8), their features (float32) and score columns (float64) come to rank 0 as tensors, in item order. Rank 0
+computes the FID/KID statistics from the features exactly as ``fid.compute_fid_stats`` accumulates them (batches of
+``fid.batch_size`` in item order) and the means of the gathered columns; only the adherence metrics (classifier
+accuracy, colour), whose reports need every image and whose networks are small, run on rank 0 over the gathered
+images.
 
 Images stay in memory (nothing is written); the FID network and the reference statistics are loaded
 once per process and suite, so later calls cost only sampling and feature extraction.
@@ -48,10 +50,12 @@ def metric_set_for(suite_cfg: EvalSuiteConfig) -> MetricSet:
     return _METRIC_SETS[key]
 
 
-def _without_fid(cfg: EvalSuiteConfig) -> EvalSuiteConfig:
-    """The suite with FID/KID off: its ``MetricSet`` scores the images while FID/KID come from gathered features."""
+def _adherence_only(cfg: EvalSuiteConfig) -> EvalSuiteConfig:
+    """The suite with FID/KID, CLIP score and rewards off: what rank 0 still scores on the gathered images (the
+    classifier and colour adherence, whose reports need every image), while the others come from gathered columns."""
     return dataclasses.replace(cfg, fid=dataclasses.replace(cfg.fid, enabled=False),
-                               kid=dataclasses.replace(cfg.kid, enabled=False))
+                               kid=dataclasses.replace(cfg.kid, enabled=False),
+                               clip_score=dataclasses.replace(cfg.clip_score, enabled=False), rewards=[])
 
 
 def _features(metric_set: MetricSet, images: list, batch_size: int) -> np.ndarray:
@@ -90,12 +94,19 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
         model.train(was_training)
     gen_seconds = time.perf_counter() - t0  # this rank's (rank 0's when sharded)
     feats = _features(metric_set, images, suite_cfg.fid.batch_size) if suite_cfg.fid.enabled else None
+    # CLIP cosines and rewards, per image: each rank scores its own images (one float64 column per score).
+    local_index = {it: i for i, it in enumerate(mine)}
+    cols = metric_set.score_columns(mine, lambda it: images[local_index[it]], prompts)
+    names = list(cols)
+    table = torch.tensor([cols[n] for n in names], dtype=torch.float64).reshape(len(names), len(mine)).T.contiguous()
     if sharded:
         device = next(model.parameters()).device
         images = gather_images(images, len(items), (spec.height, spec.width), device)
         if feats is not None:
             feats = gather_dealt(torch.from_numpy(feats), len(items), device)
             feats = None if feats is None else feats.numpy()
+        if names:
+            table = gather_dealt(table, len(items), device)
         if rank() != 0:
             return {}
     metrics: dict = {"n_images": len(items)}
@@ -103,9 +114,10 @@ def evaluate_weights(model, text_encoder, autoencoder, objective_cfg, suite_cfg:
         # the same accumulation batches as MetricSet's pass over images: equal features, bitwise equal statistics
         metric_set.fid_kid_from(*stats_in_batches(feats, suite_cfg.fid.batch_size), feats, metrics)
     index = {it: i for i, it in enumerate(items)}
-    scores, per_image, _, _ = metric_set_for(_without_fid(suite_cfg)).evaluate(
+    scores, per_image, _, _ = metric_set_for(_adherence_only(suite_cfg)).evaluate(
         None, items, lambda it: images[index[it]], prompts)
     metrics.update(scores)
+    MetricSet.apply_scores({n: table[:, j].tolist() for j, n in enumerate(names)}, per_image, metrics)
     metrics["generate_seconds"] = round(gen_seconds, 3)
     prefix = prefix or f"eval/{suite_cfg.name}"
     if tracker is not None:

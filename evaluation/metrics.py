@@ -145,26 +145,41 @@ class MetricSet:
                 row.update(extra)
         return details
 
-    def _score_images(self, items: list, get_image, prompts: list[str], per_image: list[dict], metrics: dict) -> None:
-        """CLIP score and rewards, a batch of images at a time: per-image columns and their means."""
-        want_clip = self.cfg.clip_score.enabled
-        cos_all: list[float] = []
+    def score_columns(self, items: list, get_image, prompts: list[str]) -> dict[str, list[float]]:
+        """Per-image raw scores of ``items``, a batch of images at a time: ``"clip_cos"`` (the CLIP cosine, when the
+        suite scores CLIP) and each reward's metric name -> one float per item, in item order. Per image, so a
+        sharded evaluation computes each rank's images' columns and ``apply_scores`` the gathered ones."""
+        cols: dict[str, list[float]] = {}
+        if self.cfg.clip_score.enabled:
+            cols["clip_cos"] = []
+        for name, _ in self.scorers():
+            cols[name] = []
         bs = self.cfg.score_batch_size
         for i in range(0, len(items), bs):
             chunk = items[i:i + bs]
             images, caps = [get_image(it) for it in chunk], [prompts[p] for p, _ in chunk]
-            if want_clip:
-                cos = cosine_similarities(images, caps, self.clip(), self.cfg.clip_score.batch_size).tolist()
-                cos_all.extend(cos)
-                for row, c in zip(per_image[i:i + bs], cos):
-                    row["clip_score"] = 100.0 * max(c, 0.0)
+            if "clip_cos" in cols:
+                cols["clip_cos"] += cosine_similarities(images, caps, self.clip(), self.cfg.clip_score.batch_size).tolist()
             for name, scorer in self.scorers():
-                for row, v in zip(per_image[i:i + bs], scorer.score(images, caps)):
-                    row[name] = float(v)
-        if want_clip:  # torchmetrics' CLIPScore: max(100 * mean cos, 0)
-            metrics["clip_score"] = max(100.0 * sum(cos_all) / len(cos_all), 0.0)
-        for name, _ in self.scorers():
-            metrics[name] = sum(r[name] for r in per_image) / len(per_image)
+                cols[name] += [float(v) for v in scorer.score(images, caps)]
+        return cols
+
+    @staticmethod
+    def apply_scores(cols: dict[str, list[float]], per_image: list[dict], metrics: dict) -> None:
+        """``score_columns``' output -> per-image columns (``clip_score`` = 100 max(cos, 0)) and their means."""
+        for name, vals in cols.items():
+            if name == "clip_cos":
+                for row, c in zip(per_image, vals):
+                    row["clip_score"] = 100.0 * max(c, 0.0)
+                metrics["clip_score"] = max(100.0 * sum(vals) / len(vals), 0.0)  # torchmetrics' CLIPScore
+            else:
+                for row, v in zip(per_image, vals):
+                    row[name] = v
+                metrics[name] = sum(vals) / len(vals)
+
+    def _score_images(self, items: list, get_image, prompts: list[str], per_image: list[dict], metrics: dict) -> None:
+        """CLIP score and rewards: per-image columns and their means."""
+        self.apply_scores(self.score_columns(items, get_image, prompts), per_image, metrics)
 
     def _fid_kid(self, source, metrics: dict) -> dict:
         """FID (and KID) of the generated images against the reference; returns the reference description."""

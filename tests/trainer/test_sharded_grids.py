@@ -78,7 +78,7 @@ def _probe_records(probe_dir: Path) -> list[dict]:
 @pytest.mark.distributed
 def test_two_rank_grid_and_eval_are_sharded_and_equal_one_rank(tmp_path):
     """A 2-rank run samples its final grid and an in-training eval (FID, KID, a reward): each rank draws exactly
-    its dealt items' seeds and runs the FID network on its own images only; the grid PNG and the metrics are
+    its dealt items' seeds and runs the FID network and the reward on its own images only; the grid PNG and the metrics are
     bitwise those of an unsharded one-rank grid and suite on the same (checkpointed) EMA weights."""
     from tessera.evaluation.config import load_suite
     from tessera.evaluation.generate import image_seed, work_items
@@ -113,6 +113,9 @@ def test_two_rank_grid_and_eval_are_sharded_and_equal_one_rank(tmp_path):
         # Each rank's FID forwards: its own 2 images; rank 0 also the 6 reference images (then cached on disk).
         seen = sorted(x["n"] for x in recs if x["kind"] == "inception" and x["rank"] == r)
         assert seen == ([2, 6] if r == 0 else [2]), f"rank {r}'s FID network saw batches of {seen}"
+        # ... and scores its own 2 images' reward (rank 0 does not score the gathered 4).
+        scored = [x["n"] for x in recs if x["kind"] == "reward" and x["rank"] == r]
+        assert scored == [2], f"rank {r}'s reward scored batches of {scored}"
 
     # The one-rank reference, unsharded, in a process with the ranks' environment (one thread: the FID's
     # eigensolver rounds differently with two BLAS threads, by ~1e-8 relative).

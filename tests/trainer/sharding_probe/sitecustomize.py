@@ -1,7 +1,8 @@
 """Test-only probe for tests/trainer/test_sharded_grids.py, loaded by putting this folder first on PYTHONPATH.
 
 With ``TESSERA_SAMPLE_PROBE=<dir>`` every process appends to ``<dir>/<pid>.jsonl`` one line per call of
-``trainer.inference.sample_seeded`` (its seeds) and of the FID Inception's forward (its batch size), tagged with the
+``trainer.inference.sample_seeded`` (its seeds), of the FID Inception's forward (its batch size) and of each
+evaluation reward's ``score`` (its name and number of images), tagged with the
 process's ``RANK``. It wraps the functions when their modules are first imported, so the code under test is
 measured from outside, unchanged.
 """
@@ -41,7 +42,18 @@ def _patch_inception(module) -> None:
     module.FIDInception.forward = forward
 
 
-_PATCHES = {"tessera.trainer.inference": _patch_inference, "tessera.evaluation.inception": _patch_inception}
+def _patch_rewards(module) -> None:
+    inner = module.Reward.score  # every reward's (subclasses override score_tensor / _score_pil)
+
+    def score(self, images, prompts):
+        _record("reward", name=self.name, n=len(images))
+        return inner(self, images, prompts)
+
+    module.Reward.score = score
+
+
+_PATCHES = {"tessera.trainer.inference": _patch_inference, "tessera.evaluation.inception": _patch_inception,
+            "tessera.evaluation.rewards": _patch_rewards}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
