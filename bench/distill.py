@@ -20,7 +20,8 @@ student | teacher grids per k on the same prompts and seeds go to ``bench/result
     OMP_NUM_THREADS=1 .venv/bin/python bench/distill.py --quickstart /tmp/qs-distill --work /tmp/bench-distill \
         --methods lcm reflow progressive --samples 40000 --minutes 12 --nproc 2 --seeds 0 1 2
 
-A rerun reuses finished distillations (``<work>/runs/<method>/done.json``) and cached real statistics. The test
+A rerun reuses finished distillations (``<work>/runs/<method>/done.json``), cached real statistics and the teacher's
+records (``<quickstart>/eval/fid_stats/distill_teacher_records.json``, keyed by its weights' sha256). The test
 ``tests/distill/test_bench.py`` runs a short form on a tiny shapes teacher.
 """
 
@@ -106,19 +107,34 @@ def evaluate(teacher: str, students: dict[str, str], holdout: Path, cache: Path,
 
     from tessera.quickstart.evaluate import FID
 
+    from tessera.trainer.models.pinned import weights_fingerprint
+
     fid = FID(holdout, cache, n_images, batch_size, seeds[0])
     models = {"teacher": load(teacher), **{name: load(url) for name, url in students.items()}}
+    # The teacher's rows depend only on its weights, the sampler, the seed and the held-out set: kept across runs
+    # (keyed by the weights' sha256) so that measuring another student does not re-measure the teacher.
+    known_path = cache / "distill_teacher_records.json"
+    known = json.loads(known_path.read_text()) if known_path.exists() else {}
+    teacher_key = weights_fingerprint(models["teacher"][0]).hex()[:16]
     out = []
     for model_name, label, k, over in variants(models["teacher"][4], students, ks, uniform):
         model, te, ae, obj, smp, _ = models[model_name]
         smp = dataclasses.replace(smp, **over)
         for seed in seeds:
-            fid.seed = seed
-            r = fid(model, te, ae, smp, obj)
-            rec = {"model": label, "k": k, "seed": seed, "sampler": smp.name, "cfg_scale": smp.cfg_scale,
-                   "fid": r["fid"], "colour_adherence": r["colour_adherence"], "n": r["n"],
-                   "ms_per_image": round(1000 * r["sample_s"] / max(r["n"], 1), 2)}
-            out.append(rec)
+            key = f"{teacher_key}|{label}|{smp.name}|{k}|{seed}|{n_images}" if model_name == "teacher" else None
+            if key in known:
+                out.append(known[key])
+                rec = known[key]
+            else:
+                fid.seed = seed
+                r = fid(model, te, ae, smp, obj)
+                rec = {"model": label, "k": k, "seed": seed, "sampler": smp.name, "cfg_scale": smp.cfg_scale,
+                       "fid": r["fid"], "colour_adherence": r["colour_adherence"], "n": r["n"],
+                       "ms_per_image": round(1000 * r["sample_s"] / max(r["n"], 1), 2)}
+                out.append(rec)
+                if key is not None:
+                    known[key] = rec
+                    known_path.write_text(json.dumps(known, indent=1))
             print(f"  {label:24s} k={k:<3d} seed {seed}: FID {rec['fid']:7.2f}  colour "
                   f"{rec['colour_adherence'] if rec['colour_adherence'] is not None else float('nan'):.3f}  "
                   f"{rec['ms_per_image']:.1f} ms/image", flush=True)

@@ -25,7 +25,7 @@ def _bench_module():
     return mod
 
 
-def test_bench_short_form(teachers):
+def test_bench_short_form(teachers, monkeypatch):
     bench = _bench_module()
 
     tmp = teachers["tmp"]
@@ -44,3 +44,20 @@ def test_bench_short_form(teachers):
     sheet = Image.open(result["grids"]["4"])
     assert sheet.width > 2 * 32  # the student's panel beside the teacher's
     assert (tmp / "bench" / "report.html").stat().st_size > 0
+
+    # The teacher's rows are kept by its weights' fingerprint: a second evaluation measures no teacher row again.
+    import json
+
+    from tessera.quickstart import evaluate as E
+
+    known = json.loads((tmp / "fid-cache" / "distill_teacher_records.json").read_text())
+    assert len(known) == 6  # (full, k=4) x 3 seeds
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a cached teacher row was measured again")
+
+    monkeypatch.setattr(E.FID, "__call__", no_measuring)
+    again = bench.evaluate(str(teachers["flow"]), {}, tmp / "holdout", tmp / "fid-cache", [4], [0, 1, 2], 8,
+                           uniform=False)
+    assert sorted((r["model"], r["k"], r["seed"], r["fid"]) for r in again) == sorted(
+        (r["model"], r["k"], r["seed"], r["fid"]) for r in result["records"] if r["model"].startswith("teacher"))
