@@ -66,6 +66,10 @@ class ReflowConfig:
     t_sampling: Literal["uniform", "teacher"] = "uniform"  # reflow's t ~ U(0, 1), or the teacher's training draws
     one_step_samples: int = 0  # > 0: the last this-many samples of train.total_samples train the one-step map
     sample_steps: int = 4  # what the student's checkpoint samples with
+    # straight: reflow's straight paths noise -> image. trajectory: the student's k = sample_steps Euler steps on its
+    # uniform grid are fit to the teacher's own path between the same levels (its states, cached with the pairs):
+    # one-phase trajectory distillation (TRACT, Berthelot et al. 2023, from the full-step teacher in one jump).
+    targets: Literal["straight", "trajectory"] = "straight"
 
     def __post_init__(self) -> None:
         if self.pairs < 1 or self.pair_batch < 1 or self.one_step_samples < 0 or self.sample_steps < 1:

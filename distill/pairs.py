@@ -3,7 +3,9 @@
 Layout of the cache (``method.reflow.cache_dir``, default ``<run dir>/pairs``; local or s3://)::
 
     chunk_000000.safetensors   one teacher batch: noise, image (B, C, h, w) fp32, the text condition (hidden, mask,
-                               pooled) as the dataset stores it; metadata: the fingerprint and the sample keys
+                               pooled) as the dataset stores it, and with ``targets: trajectory`` the states on
+                               the teacher's path at the student's interior grid levels (B, k - 1, C, h, w);
+                               metadata: the fingerprint and the sample keys
     ...
     pairs.json                 the recipe, its fingerprint and every chunk's size: written last (the done-marker)
 
@@ -82,11 +84,30 @@ def reconcile(cache: str, fp: str) -> bool:
     return False
 
 
+def path_states(sigmas: torch.Tensor, xs: list[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
+    """The teacher's path at the noise levels ``grid`` (descending, each within [sigmas[-1], sigmas[0]]): ``xs[i]``
+    is the state at ``sigmas[i]`` (xs[0] the noise); between two of them the path is the straight line an Euler
+    step draws, so a level between sigmas[i] and sigmas[i + 1] is their linear interpolation. (B, len(grid), ...)."""
+    sig = sigmas.double().tolist()
+    if len(grid) == 0:  # a 1-step student: no interior level
+        return xs[0].new_zeros((xs[0].shape[0], 0, *xs[0].shape[1:]))
+    out = []
+    for g in grid.double().tolist():
+        i = next((j for j in range(len(sig) - 1) if sig[j] >= g >= sig[j + 1]), None)
+        if i is None:
+            raise ValueError(f"noise level {g} is outside the teacher's path [{sig[-1]}, {sig[0]}]")
+        w = 0.0 if sig[i] == sig[i + 1] else (sig[i] - g) / (sig[i] - sig[i + 1])
+        out.append(xs[i] + w * (xs[i + 1] - xs[i]) if w else xs[i])
+    return torch.stack(out, 1)
+
+
 def _write_chunk(url: str, fp: str, keys: list[str], z: torch.Tensor, x0: torch.Tensor, cond: TextEmbedding,
-                 store_dtype: torch.dtype) -> None:
+                 store_dtype: torch.dtype, states: torch.Tensor | None = None) -> None:
     """One chunk, atomically (``storage.write_bytes``)."""
     t = {"noise": z.float().cpu().contiguous(), "latent": x0.float().cpu().contiguous(),
          "hidden": cond.hidden.to(store_dtype).cpu().contiguous(), "mask": cond.mask.bool().cpu().contiguous()}
+    if states is not None:
+        t["states"] = states.float().cpu().contiguous()
     if cond.pooled is not None:
         t["pooled"] = cond.pooled.to(store_dtype).cpu().contiguous()
     storage.write_bytes(url, st_save(t, metadata={"fingerprint": fp, "format": FORMAT, "keys": json.dumps(keys)}))
@@ -94,8 +115,9 @@ def _write_chunk(url: str, fp: str, keys: list[str], z: torch.Tensor, x0: torch.
 
 @torch.no_grad()
 def generate(ctx, cache: str, fp: str, n_chunks: int, loader, sampler_cfg: SamplerConfig, seed: int,
-             rank: int) -> int:
-    """This rank's missing chunks (c % world == rank) from one pass over ``loader``; returns how many it wrote."""
+             rank: int, grid_of=None) -> int:
+    """This rank's missing chunks (c % world == rank) from one pass over ``loader``; returns how many it wrote.
+    ``grid_of(shape)``: the interior noise levels whose states on the teacher's path each chunk also stores."""
     from tessera.trainer.components import batch_to_inputs
 
     world, done, it = world_size(), 0, iter(loader)
@@ -110,11 +132,14 @@ def generate(ctx, cache: str, fp: str, n_chunks: int, loader, sampler_cfg: Sampl
         gen_seed = int.from_bytes(hashlib.sha256(f"reflow:{seed}:{c}".encode()).digest()[:8], "little") >> 1
         z = torch.randn(shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float32)
         sampler = build_sampler(sampler_cfg, ctx.process.objective)
+        xs = [z.to(ctx.device)]
         with ctx.teacher.source.model() as net:
             x0 = sample(call_net(net, ctx.dtype), sampler, shape, cond, ctx.uncond_of(cond), sampler_cfg.cfg_scale,
                         sampler_cfg.steps, torch.Generator().manual_seed(gen_seed), ctx.device,
-                        sampler_cfg.guidance_interval)
-        _write_chunk(url, fp, list(batch["key"]), z, x0, cond, store)
+                        sampler_cfg.guidance_interval, on_step=None if grid_of is None else
+                        (lambda i, x: xs.append(x.float().clone())))
+        states = None if grid_of is None else path_states(sampler.sigmas, xs, grid_of(shape))
+        _write_chunk(url, fp, list(batch["key"]), z, x0, cond, store, states)
         done += 1
         log.info("reflow pairs: chunk %d/%d written (%d pairs)", c + 1, n_chunks, shape[0])
     return done
@@ -134,7 +159,7 @@ def finish(cache: str, fp: str, recipe: dict, n_chunks: int) -> dict:
 
 
 def prepare(ctx, cache: str, recipe_fn, n_chunks: int, loader, sampler_cfg: SamplerConfig, seed: int,
-            rank: int) -> str:
+            rank: int, grid_of=None) -> str:
     """Make sure ``cache`` holds the pairs of the recipe ``recipe_fn()`` (evaluated on rank 0: it hashes the teacher's
     weights): reuse, complete or rebuild them; returns the fingerprint. Collective."""
     recipe = recipe_fn() if rank == 0 else None
@@ -144,7 +169,7 @@ def prepare(ctx, cache: str, recipe_fn, n_chunks: int, loader, sampler_cfg: Samp
         dist.broadcast_object_list(box, src=0)
     fp = box[0]
     if not box[1]:
-        n = generate(ctx, cache, fp, n_chunks, loader, sampler_cfg, seed, rank)
+        n = generate(ctx, cache, fp, n_chunks, loader, sampler_cfg, seed, rank, grid_of)
         log.info("reflow pairs: this rank generated %d chunk(s)", n)
         barrier()
         if rank == 0:
@@ -213,11 +238,14 @@ class PairLoader:
             hidden.append(torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[0])))
             mask.append(torch.nn.functional.pad(m, (0, length - m.shape[0])))
         pooled = [self.chunks[i]["pooled"][r] for i, r in items] if "pooled" in self.chunks[items[0][0]] else None
-        return {"noise": torch.stack([self.chunks[i]["noise"][r] for i, r in items]),
-                "latent": torch.stack([self.chunks[i]["latent"][r] for i, r in items]),
-                "cond": TextEmbedding(torch.stack(hidden), torch.stack(mask),
-                                      None if pooled is None else torch.stack(pooled)),
-                "key": [self.keys[i][r] for i, r in items]}
+        out = {"noise": torch.stack([self.chunks[i]["noise"][r] for i, r in items]),
+               "latent": torch.stack([self.chunks[i]["latent"][r] for i, r in items]),
+               "cond": TextEmbedding(torch.stack(hidden), torch.stack(mask),
+                                     None if pooled is None else torch.stack(pooled)),
+               "key": [self.keys[i][r] for i, r in items]}
+        if "states" in self.chunks[items[0][0]]:
+            out["states"] = torch.stack([self.chunks[i]["states"][r] for i, r in items])
+        return out
 
     def state_dict(self) -> dict:
         """JSON: the epoch and this rank's batches consumed in it."""

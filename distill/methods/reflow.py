@@ -6,6 +6,12 @@ velocity z - x1 straightens the flow, so a few Euler steps (``euler_uniform``) f
 derived dataset (``distill/pairs.py``). With ``one_step_samples`` the last part of the run fits the one-step map
 x1 ~ x0_hat(z, t = 1) (InstaFlow's distillation stage, with an L2 loss), and the student samples in one step.
 
+``targets: trajectory`` keeps the teacher's path instead of straightening it: the pairs also hold the teacher's
+states at the student's interior ``euler_uniform`` levels (linear between its own steps, as Euler draws the path),
+and each of the student's k Euler steps is fit to the teacher's segment between the same two levels, from the
+teacher's state (TRACT's one-phase form, Berthelot et al. 2023): a k-step student of the full-step teacher without
+the error that compounds over progressive distillation's rounds.
+
 A DDPM or EDM teacher has no straight path to retrain: the error names progressive and lcm.
 """
 
@@ -19,6 +25,7 @@ from tessera import storage
 from tessera.config import to_dict
 from tessera.trainer.diffusion import rng
 from tessera.trainer.diffusion.objectives import FlowObjective, flow_velocity
+from tessera.trainer.diffusion.samplers.euler_uniform import uniform_flow_sigmas
 from tessera.trainer.diffusion.sampling import SamplerConfig
 from tessera.trainer.engine import sample_generators
 
@@ -75,10 +82,25 @@ class Reflow(Method):
                     "data": [hashlib.sha256(storage.read_bytes(storage.join(p, "manifest.json"))).hexdigest()
                              for p in gen_cfg.path],
                     "caption_variants": gen_cfg.caption_variants, "data_seed": gen_cfg.seed,
-                    "chunks": n_chunks, "pair_batch": s.pair_batch, "seed": job.train.seed}
+                    "chunks": n_chunks, "pair_batch": s.pair_batch, "seed": job.train.seed,
+                    **({"trajectory_steps": s.sample_steps} if s.targets == "trajectory" else {})}
 
-        pairs.prepare(ctx, cache, recipe, n_chunks, loader, sampler, job.train.seed, rank)
+        grid_of = None
+        if s.targets == "trajectory":
+            if sampler.name not in ("euler", "euler_uniform"):
+                raise ValueError(f"reflow.targets=trajectory reads the teacher's path as Euler steps draw it; the "
+                                 f"teacher samples with {sampler.name!r}: use euler or euler_uniform")
+            grid_of = self.interior
+        pairs.prepare(ctx, cache, recipe, n_chunks, loader, sampler, job.train.seed, rank, grid_of)
         return pairs.PairLoader(cache, job.data.batch_size, job.data.seed, rank, world)
+
+    def grid(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(k + 1,) the student's ``euler_uniform`` noise levels at ``sample_steps``, from 1 to 0."""
+        return uniform_flow_sigmas(self.flow.cfg, self.section.sample_steps, shape)
+
+    def interior(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The grid's levels strictly between the noise and the image: where the pairs store the teacher's states."""
+        return self.grid(shape)[1:-1]
 
     def loss(self, ctx: Context, batch: dict, step: int) -> torch.Tensor:
         """Velocity MSE on the straight path (reflow), or x-space MSE of the one-step map."""
@@ -89,6 +111,8 @@ class Reflow(Method):
                        None if c.pooled is None else c.pooled.to(ctx.device, ctx.dtype))
         gens = sample_generators(ctx.seed, step, list(batch["key"]))
         b = z.shape[0]
+        if self.phase == "reflow" and self.section.targets == "trajectory":
+            return self.trajectory_loss(ctx, z, x1, batch["states"].to(ctx.device), cond, gens)
         if self.phase == "one_step":
             t = torch.ones(b, dtype=torch.float64, device=z.device)
         elif self.section.t_sampling == "teacher":
@@ -102,6 +126,20 @@ class Reflow(Method):
         else:
             pred, target = flow_velocity(self.flow.cfg, out, x_t.to(out.dtype), t.to(out.dtype)), z - x1
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    def trajectory_loss(self, ctx: Context, z, x1, states, cond, gens) -> torch.Tensor:
+        """Segment j ~ U{0..k-1} of the student's grid per sample: from the teacher's state at level t_j, one Euler
+        step must land on its state at t_{j+1}; velocity MSE to (x_tj - x_tj+1) / (t_j - t_j+1)."""
+        path = torch.cat([z[:, None], states, x1[:, None]], 1)  # (B, k + 1, C, h, w) from noise to image
+        k = path.shape[1] - 1
+        grid = self.grid(tuple(z.shape)).to(z.device)
+        j = (rng.rand(z.shape[0], gens, z.device) * k).long().clamp_(max=k - 1)
+        rows = torch.arange(z.shape[0], device=z.device)
+        x_t, x_s, t, s = path[rows, j], path[rows, j + 1], grid[j], grid[j + 1]
+        out = ctx.student(x_t, ctx.process.model_timestep(t), cond)
+        v = flow_velocity(self.flow.cfg, out, x_t.to(out.dtype), t.to(out.dtype))
+        target = (x_t - x_s) / (t - s).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        return (v.float() - target.float()).pow(2).flatten(1).mean(1)
 
     def after_step(self, ctx: Context, samples: int) -> dict:
         """Into the one-step phase for the run's last ``one_step_samples``."""

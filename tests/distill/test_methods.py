@@ -158,3 +158,59 @@ def test_from_the_second_progressive_round_the_teacher_is_read_as_the_v_student_
     assert teacher.process is v_p and teacher.guidance.cfg_scale == 1.0
     target = two_step_target(teacher, z, t, tm, s, cond_of([0.0, 0.0]))
     torch.testing.assert_close(target, data.expand(2, -1, -1, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_trajectory_states_follow_the_teacher_s_euler_path_and_a_student_on_it_has_zero_loss():
+    """reflow.targets=trajectory: the states stored at the student's levels are the teacher's Euler path (a level
+    on one of its steps is that step's state, one between steps the straight line Euler drew), and each of the
+    student's segments targets the velocity from one stored state to the next (zero loss for the exact student)."""
+    from tessera.distill.config import ReflowConfig
+    from tessera.distill.methods import Reflow
+    from tessera.distill.pairs import path_states
+    from tessera.trainer.diffusion import rng
+    from tessera.trainer.diffusion.sampling import SamplerConfig, build_sampler, sample
+    from tessera.trainer.engine import sample_generators
+
+    obj = objective("flow", "velocity")
+    p = Process(obj)
+
+    def net(x, timestep, cond):  # a curved field: the path is not a straight line
+        return torch.tanh(x * 0.8 + timestep.view(-1, 1, 1, 1) / 700.0).float() + x.pow(2) * 0.1
+
+    shape, gen = (3, 2, 4, 4), torch.Generator().manual_seed(0)
+    sampler = build_sampler(SamplerConfig(name="euler_uniform", steps=8), obj)
+    xs = [torch.randn(shape, generator=torch.Generator().manual_seed(0))]
+    x0 = sample(net, sampler, shape, None, steps=8, generator=gen, on_step=lambda i, x: xs.append(x.clone()))
+    assert len(xs) == 9 and torch.equal(xs[-1], x0)
+    method = Reflow(ReflowConfig(sample_steps=4, targets="trajectory"), SimpleNamespace(),
+                    SimpleNamespace(objective=obj))
+    states = path_states(sampler.sigmas, xs, method.interior(shape))  # levels 0.75, 0.5, 0.25: steps 2, 4, 6
+    assert states.shape == (3, 3, 2, 4, 4)
+    for j in range(3):
+        torch.testing.assert_close(states[:, j], xs[2 * (j + 1)], rtol=0, atol=1e-6)
+    mid = path_states(sampler.sigmas, xs, torch.tensor([0.8125]))[:, 0]  # half-way through step 1 (0.875 -> 0.75)
+    torch.testing.assert_close(mid, 0.5 * (xs[1] + xs[2]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the teacher's path"):
+        path_states(sampler.sigmas, xs, torch.tensor([1.5]))
+
+    path = torch.cat([xs[0][:, None], states, x0[:, None]], 1)
+    grid = method.grid(shape)
+    picked = []
+
+    def exact_student(x_t, timestep, cond):  # the velocity from the state it is given to the next stored state
+        t = timestep.double() / p.cfg.timestep_scale
+        j = torch.stack([(grid - tt).abs().argmin() for tt in t])
+        picked.append(j)
+        rows = torch.arange(len(j))
+        assert torch.equal(x_t, path[rows, j])  # it starts from the teacher's state at its level
+        return ((path[rows, j] - path[rows, j + 1]) / (grid[j] - grid[j + 1]).view(-1, 1, 1, 1)).float()
+
+    ctx = SimpleNamespace(student=exact_student, process=p)
+    gens = sample_generators(0, 1, ["a", "b", "c"])
+    loss = method.trajectory_loss(ctx, xs[0], x0, states, None, gens)
+    assert loss.shape == (3,) and float(loss.max()) < 1e-10
+    expect = (rng.rand(3, sample_generators(0, 1, ["a", "b", "c"]), "cpu") * 4).long().clamp_(max=3)
+    assert torch.equal(picked[0], expect)  # each sample's segment is its own generator's draw
+    wrong = SimpleNamespace(student=lambda x, t, c: torch.zeros_like(x), process=p)
+    assert float(method.trajectory_loss(wrong, xs[0], x0, states, None, sample_generators(0, 1, ["a", "b", "c"])
+                                        ).min()) > 1e-3

@@ -75,6 +75,7 @@ def test_an_lcm_student_of_a_ddpm_teacher_exports_a_diffusers_lcm_scheduler(teac
     assert (tmp_path / "dx" / "transformer" / "config.json").exists()
 
 
+@pytest.mark.long
 def test_lcm_lora_writes_the_merged_student_and_the_adapter(teachers, tmp_path):
     run = _run(teachers, "lcm-lora", **{"lora.enabled": "true", "lora.rank": 4, "train.total_samples": 16})
     ck = H.ckpt_dir(run, 2)
@@ -119,6 +120,15 @@ def test_reflow_pairs_are_reused_and_rebuilt_never_mixed_when_the_teacher_change
     new = _pairs(cache)["fingerprint"]
     assert new != fp and sorted(p.name for p in cache.glob("chunk_*")) == [p.name for p in chunks]
     assert all(chunk_fingerprint(str(p)) == new for p in cache.glob("chunk_*"))
+    # trajectory targets: another recipe (rebuilt), and each pair also holds the teacher's state at the student's
+    # interior level (sample_steps 2: noise level 0.5), strictly between its noise and its image
+    run4 = _run(teachers, "reflow-4", teacher_weights="raw", **common, **{"method.reflow.targets": "trajectory"})
+    assert "rebuilding" in (run4 / "logs" / "rank0.log").read_text() and _pairs(cache)["fingerprint"] != new
+    with safe_open(str(cache / "chunk_000000.safetensors"), "pt") as f:
+        z, x1, states = f.get_tensor("noise"), f.get_tensor("latent"), f.get_tensor("states")
+    assert states.shape == (z.shape[0], 1, *z.shape[1:]) and torch.isfinite(states).all()
+    assert (states[:, 0] - z).abs().mean() > 0.1 and (states[:, 0] - x1).abs().mean() > 0.1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in H.metrics(run4))
 
 
 def test_reflow_on_an_eps_teacher_is_refused_naming_the_alternatives(teachers):
@@ -129,6 +139,7 @@ def test_reflow_on_an_eps_teacher_is_refused_naming_the_alternatives(teachers):
     assert str(teachers["eps"]) in out.stderr
 
 
+@pytest.mark.long
 def test_lcm_on_two_ranks_trains_like_one_rank_with_the_same_readers(teachers):
     """The distillation loop is the trainer's: 2 ranks x batch 4 (one loader reader each) take the steps of 1 rank x
     batch 4 x 2 accumulated micro-batches with 2 readers (a worker yields whole batches: the same samples per step,

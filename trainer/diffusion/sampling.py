@@ -74,18 +74,22 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     guidance_interval: Sequence[float] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Generate a (B, C, H, W) batch; guidance runs cond and uncond in one forward when cfg_scale != 1, at every
-    step or at the steps whose noise level lies in ``guidance_interval``."""
+    step or at the steps whose noise level lies in ``guidance_interval``. ``on_step(i, x)`` sees the state after
+    step i (distillation records the teacher's path with it)."""
     sampler.set_timesteps(steps, image_shape=tuple(shape))
     gen_device = generator.device if generator is not None else torch.device("cpu")
     x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     x = x * sampler.init_noise_sigma
     both = cat_cond(cond, uncond) if (uncond is not None and cfg_scale != 1.0) else None
-    for t in sampler.timesteps:
+    for i, t in enumerate(sampler.timesteps):
         x_in, t_model = sampler.model_input(x, t)
         timestep = torch.full((shape[0],), t_model, device=x.device, dtype=torch.float32)  # (B,)
         guide = both if both is not None and guidance_on(guidance_interval, sampler.noise_level(t)) else None
         out = guided_output(model_fn, x_in, timestep, cond, guide, cfg_scale)
         x = sampler.step(out, t, x, generator=generator)
+        if on_step is not None:
+            on_step(i, x)
     return x
