@@ -46,11 +46,11 @@ def test_quickstart_short_run_learns_reports_and_resumes(tmp_path):
     for name in ("data.yaml", "recaption.yaml", "precompute.yaml", "train.yaml"):  # their `base:` paths are relative
         text = (configs / name).read_text().replace("base: ../", f"base: {ROOT / 'configs'}/")
         (configs / name).write_text(text)
-    # A log line every 5 steps instead of 20: enough of them for the loss check in a 0.6-minute run, also on a
+    # A log line every 3 steps instead of 20: enough of them for the loss check in a 0.6-minute run, also on a
     # loaded machine (40 steps in a fresh clone's suite beside a 4-rank run gave 4 lines at every 10).
     train_yaml = (configs / "train.yaml").read_text()
     assert "log_every_samples: 640" in train_yaml
-    (configs / "train.yaml").write_text(train_yaml.replace("log_every_samples: 640", "log_every_samples: 160"))
+    (configs / "train.yaml").write_text(train_yaml.replace("log_every_samples: 640", "log_every_samples: 96"))
     out = tmp_path / "qs"
     proc = _quickstart(out, configs)
 

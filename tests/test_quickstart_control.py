@@ -97,6 +97,7 @@ def _run(out, configs) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_control_stage_trains_evaluates_and_reports(tmp_path):
     configs, out = _configs(tmp_path), tmp_path / "qs"
     split, base = _stand_in_for_earlier_stages(configs, out)

@@ -63,6 +63,7 @@ def snapshot(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_make_wheelhouse_then_the_gpu_check_runs_offline_from_it_up_to_the_gpu(tmp_path):
     tree = snapshot(tmp_path / "tree")

@@ -325,6 +325,7 @@ def test_s3_round_trip_matches_local(source_ds, minilm_out, s3_bucket):
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.long
 def test_ray_actor_pool_is_byte_identical_to_local(source_ds, minilm_out, ray_runtime, tmp_path):
     m = run_precompute(make_cfg(source_ds, tmp_path / "ds", executor="ray", actors=2))
     assert shard_bytes(tmp_path / "ds") == shard_bytes(minilm_out[0]) and m["shards"] == minilm_out[1]["shards"]

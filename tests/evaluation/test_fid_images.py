@@ -41,6 +41,7 @@ def write_dataset(root, images) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fid_orders_emoji_vs_clipart(tmp_path, inception, emoji_images, clipart_images):
     emoji_a, emoji_b = emoji_images[0::2], emoji_images[1::2]  # interleaved halves: same distribution
     folder = tmp_path / "emoji_a"

@@ -21,7 +21,7 @@ def realistic_stats(rng, n: int, d: int, shift: float) -> tuple[np.ndarray, np.n
     return stats_from_features(x)
 
 
-@pytest.mark.parametrize("d,n", [(256, 2000), pytest.param(2048, 2500, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("d,n", [(256, 2000), pytest.param(2048, 2500, marks=[pytest.mark.slow, pytest.mark.long])])
 def test_frechet_matches_pytorch_fid(d, n):
     rng = np.random.default_rng(d)
     mu1, s1 = realistic_stats(rng, n, d, 0.0)

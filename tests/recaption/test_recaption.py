@@ -165,6 +165,7 @@ def test_a_damaged_source_shard_fails_alone_and_is_named(emoji_ds, tmp_path):
     assert not (out / "shards" / "00002.tar").exists() and not (out / "manifest.json").exists()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_actor_pools_give_the_local_bytes(emoji_ds, local_out, tiny_qwen, tiny_blip, ray_session, tmp_path):

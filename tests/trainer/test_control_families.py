@@ -20,7 +20,7 @@ from tests.trainer import helpers as H
 from tests.trainer.control_data import write_moving_shapes
 from tests.trainer.models.conftest import perturb
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # the DiT branch's runs are in test_control_train.py
 
 # Pixel space (identity autoencoder, 3 channels) like tiny_train.yaml's DiT; the UNet's ControlNet embeds the
 # condition at the latent's own size (vae_scale_factor 1: one conditioning layer, no downsampling).

@@ -44,6 +44,7 @@ def test_golden_losses_single_process(work):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_launch_matches_nproc_spawn(work):
     """Ranks started by torchrun (RANK/WORLD_SIZE/MASTER_ADDR in the env) train exactly like --nproc 2."""
     tmp, enc, ds = work
@@ -62,6 +63,7 @@ def test_torchrun_launch_matches_nproc_spawn(work):
     assert len(a) == 4 and a == b
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_train_workers_checkpoint_exit_75_when_the_driver_is_preempted_and_the_rerun_resumes(work):
@@ -95,6 +97,7 @@ CANARIES = {"WANDB_API_KEY": "canaryWANDBkey0123456789abcdef0123456789", "AWS_SE
             "AWS_SESSION_TOKEN": "canarySESSIONtoken555"}
 
 
+@pytest.mark.long
 @pytest.mark.s3
 @pytest.mark.slow
 def test_s3_checkpoints_export_sample_and_no_secrets(work, s3_bucket, tmp_path):
