@@ -106,7 +106,6 @@ def evaluate(teacher: str, students: dict[str, str], holdout: Path, cache: Path,
     import dataclasses
 
     from tessera.quickstart.evaluate import FID
-
     from tessera.trainer.models.pinned import weights_fingerprint
 
     fid = FID(holdout, cache, n_images, batch_size, seeds[0])
@@ -122,19 +121,17 @@ def evaluate(teacher: str, students: dict[str, str], holdout: Path, cache: Path,
         smp = dataclasses.replace(smp, **over)
         for seed in seeds:
             key = f"{teacher_key}|{label}|{smp.name}|{k}|{seed}|{n_images}" if model_name == "teacher" else None
-            if key in known:
-                out.append(known[key])
-                rec = known[key]
-            else:
+            rec = known.get(key)
+            if rec is None:
                 fid.seed = seed
                 r = fid(model, te, ae, smp, obj)
                 rec = {"model": label, "k": k, "seed": seed, "sampler": smp.name, "cfg_scale": smp.cfg_scale,
                        "fid": r["fid"], "colour_adherence": r["colour_adherence"], "n": r["n"],
                        "ms_per_image": round(1000 * r["sample_s"] / max(r["n"], 1), 2)}
-                out.append(rec)
                 if key is not None:
                     known[key] = rec
                     known_path.write_text(json.dumps(known, indent=1))
+            out.append(rec)
             print(f"  {label:24s} k={k:<3d} seed {seed}: FID {rec['fid']:7.2f}  colour "
                   f"{rec['colour_adherence'] if rec['colour_adherence'] is not None else float('nan'):.3f}  "
                   f"{rec['ms_per_image']:.1f} ms/image", flush=True)
