@@ -23,7 +23,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 # Three pytest-xdist workers, one test file per unit of work (--dist loadfile; xdist's loadgroup marks do not reach
 # pytest 9.2's node ids): much of a test's time is process start-up and waiting on Slurm or Ray, so with two workers
 # the 2 cores stood idle a sixth of the time (2026-12-07: 29m24s with three, 32m35s with two, docs/development.md).
-# TEST_WORKERS=0 runs in one process.
+# Files go to the workers longest first (tests/conftest.py FILE_SECONDS; --no-loadscope-reorder keeps that order
+# instead of xdist's by-test-count one). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 3
 # One BLAS/OpenMP thread per test process (and the ranks a test spawns get one each from the launcher), instead of
 # each in-process torch spinning two threads against the other workers'.
@@ -62,13 +63,13 @@ apt-data:
 
 test: install
 	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not long" $(PYTEST_ARGS)
 
 # The tests marked long: measured effects at test size that take minutes of training (tests/finetune/test_recipes.py),
 # and the slowest end-to-end variants of paths `make test` covers with a faster sibling (docs/development.md#tests).
 test-long: install
 	@$(MAKE) --no-print-directory apt-data APT_PKGS="$(APT_TEST)"
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m long $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m long $(PYTEST_ARGS)
 
 # The benchmarks (bench/*.py through bench/harness.py): each side >= 3 alternating runs, medians and spreads
 # printed, one JSON per script in bench/results/. About 5 minutes on the 2-core dev machine; run it on an

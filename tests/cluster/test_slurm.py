@@ -192,6 +192,7 @@ def test_a_crash_is_requeued_only_after_progress_and_cancel_stops_a_job(slurm, t
     assert rec["state"] == "CANCELLED" and len(rec["attempts"]) == 1 and not _rank_processes(ckpt)
 
 
+@pytest.mark.long  # make test keeps the cancel of a requeued job in the crash test above
 def test_cancel_stops_a_running_job_for_good(slurm, tiny, tmp_path):
     state, runs = tmp_path / "jobs", tmp_path / "runs"
     job = submit("train", "--config", TINY, *train_overrides(tiny, runs, **{"train.total_samples": 100000}),
