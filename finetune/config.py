@@ -47,6 +47,11 @@ class RolloutConfig:
     # Stochastic (and trained) steps [lo, hi); null: every step (DDPO, Flow-GRPO). MixGRPO/Flow-GRPO-Fast sample
     # the SDE in an early window and the ODE after it: far less variance per sample (see docs/finetune.md).
     sde_window: list[int] | None = None
+    # The G images of a GRPO group start from one x_T (DanceGRPO, Xue et al. 2025), and their advantages are
+    # relative to that group alone: a reward difference inside a group is then the policy's own noise (its
+    # actions), not the start noise, which no policy gradient can credit. On the digits task the start noise
+    # decides most of which digit is drawn (docs/finetune.md).
+    group_noise: bool = False
     batch_size: int = 8  # images per forward on each rank; also the training micro-batch
     batches_per_update: int = 2  # micro-batches each rank samples per update (ddpo-pytorch num_batches_per_epoch)
     height: int | None = None  # pixels; null: the checkpoint's sample size
@@ -234,5 +239,8 @@ class FinetuneJobConfig:
         if self.lora.enabled and self.deepspeed.stage == 3:
             raise ConfigError("LoRA keeps the frozen base whole on every rank: use deepspeed.stage 1 or 2 "
                               "(ZeRO-3 is for full fine-tuning, lora.enabled=false)")
+        if self.rollout.group_noise and self.method.name != "grpo":
+            raise ConfigError(f"rollout.group_noise needs GRPO's group advantages (method.name: grpo), not "
+                              f"{self.method.name!r}")
         if self.method.name == "dpo" and self.method.dpo.pairs == "parquet" and not self.method.dpo.parquet:
             raise ConfigError("method.dpo.parquet is required when method.dpo.pairs is 'parquet'")

@@ -75,7 +75,8 @@ def make_batch(pool: list[str], update: int, seed: int, per_rank: int, world: in
         raise ValueError(f"{n} samples per update do not split into groups of {group}")
     rnd = random.Random(f"{seed}:{update}:prompts")
     prompts = [p for p in (rnd.choice(pool) for _ in range(n // group)) for _ in range(group)]
-    return Batch(update, prompts, [f"u{update}/s{i}" for i in range(n)], rank, per_rank)
+    return Batch(update, prompts, [f"u{update}/s{i}" for i in range(n)], rank, per_rank,
+                 [f"u{update}/g{i // group}" for i in range(n)])
 
 
 def build(cfg: FinetuneJobConfig, device, world: int, run: Run):

@@ -149,9 +149,11 @@ def policy_output(model_fn, policy: GaussianPolicy, x, idx, cond, both, cfg_scal
 
 @torch.no_grad()
 def sample_trajectories(model_fn, policy: GaussianPolicy, cond, both, cfg_scale: float, generators,
-                        latent_shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents (B, n + 1, C, h, w) from x_T to the sample, log-probs (B, n) of each step, 0 where deterministic)."""
-    x = initial_noise(generators, latent_shape, device)
+                        latent_shape: tuple[int, ...], device, x_t: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (B, n + 1, C, h, w) from x_T to the sample, log-probs (B, n) of each step, 0 where deterministic).
+    x_T is ``x_t`` when given, else each row's generator's first draw."""
+    x = initial_noise(generators, latent_shape, device) if x_t is None else x_t
     xs, logps = [x], []
     for i in range(policy.n):
         idx = torch.full((x.shape[0],), i, dtype=torch.long)

@@ -22,7 +22,7 @@ from tessera.trainer.engine import sample_generators
 from tessera.trainer.inference import uncond_like
 
 from tessera.finetune.policy import Reference
-from tessera.finetune.rollout import GaussianPolicy, sample_trajectories
+from tessera.finetune.rollout import GaussianPolicy, initial_noise, sample_trajectories
 
 METHODS: Registry[type] = Registry("fine-tuning method")
 
@@ -36,6 +36,7 @@ class Batch:
     keys: list[str]  # one per global sample: seeds its generators
     rank: int
     per_rank: int
+    groups: list[str] = field(default_factory=list)  # one per global sample: its group (a prompt's G copies)
 
     @property
     def local(self) -> slice:
@@ -94,13 +95,16 @@ class Chunk:
     rewards: torch.Tensor | None = None  # (B,) float64
 
 
-def sample_chunk(ctx: Context, update: int, prompts: list[str], keys: list[str], policy: GaussianPolicy | None = None
-                 ) -> Chunk:
-    """Sample one micro-batch with the (stochastic) policy and score it."""
+def sample_chunk(ctx: Context, update: int, prompts: list[str], keys: list[str], policy: GaussianPolicy | None = None,
+                 noise_keys: list[str] | None = None) -> Chunk:
+    """Sample one micro-batch with the (stochastic) policy and score it; ``noise_keys`` seed x_T (rows with one
+    key start alike), else each sample's own generator draws it."""
     scale = ctx.cfg.rollout.cfg_scale
     cond, both = ctx.condition(prompts, scale)
+    x_t = None if noise_keys is None else initial_noise(ctx.generators(update, [f"{k}/x_T" for k in noise_keys]),
+                                                        ctx.latent_shape, ctx.device)
     lat, logp = sample_trajectories(ctx.sample_fn, policy or ctx.policy, cond, both, scale,
-                                    ctx.generators(update, keys), ctx.latent_shape, ctx.device)
+                                    ctx.generators(update, keys), ctx.latent_shape, ctx.device, x_t=x_t)
     images = ctx.autoencoder.decode(lat[:, -1])
     return Chunk(list(prompts), list(keys), cond, both, lat, logp, images, ctx.reward(images, list(prompts)))
 

@@ -53,21 +53,25 @@ class PolicyGradient(Method):
         """One backward per (micro-batch, trained step)."""
         return self.per_step * self.n_train
 
-    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-        """Advantages of every sample of the update (identical on every rank)."""
+    def advantages(self, batch: Batch, rewards: np.ndarray) -> np.ndarray:
+        """Advantages of every sample of the update (identical on every rank): DDPO's per prompt, GRPO's per
+        prompt or, with ``rollout.group_noise``, per group (two groups of one prompt start from different x_T)."""
         if self.stats is not None:
-            return self.stats.update(prompts, rewards)
-        return group_advantages(prompts, rewards, self.cfg.global_std)
+            return self.stats.update(batch.prompts, rewards)
+        labels = batch.groups if self.job.rollout.group_noise else batch.prompts
+        return group_advantages(labels, rewards, self.cfg.global_std)
 
     def update(self, ctx: Context, batch: Batch) -> dict[str, float]:
         """Sample, score, compute advantages, train."""
         if not ctx.policy.stochastic:
             raise ValueError("policy-gradient methods need a stochastic sampler: rollout.eta / noise_level > 0")
         prompts, keys = batch.prompts[batch.local], batch.keys[batch.local]
+        noise = batch.groups[batch.local] if self.job.rollout.group_noise else None
         b = self.job.rollout.batch_size
-        chunks = [sample_chunk(ctx, batch.update, prompts[i:i + b], keys[i:i + b]) for i in range(0, len(prompts), b)]
+        chunks = [sample_chunk(ctx, batch.update, prompts[i:i + b], keys[i:i + b],
+                               noise_keys=None if noise is None else noise[i:i + b]) for i in range(0, len(prompts), b)]
         rewards = gather_all(torch.cat([c.rewards for c in chunks]), ctx.comm_device).numpy()
-        adv = torch.from_numpy(self.advantages(batch.prompts, rewards)[batch.local])
+        adv = torch.from_numpy(self.advantages(batch, rewards)[batch.local])
         adv = adv.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max).float()
         logs = {"loss": [], "ratio_dev": [], "clipfrac": [], "approx_kl": [], "kl": []}
         first_dev = None
