@@ -32,7 +32,8 @@ from tessera import storage
 from tessera.trainer import checkpoint as C
 from tessera.trainer import shards as S
 from tessera.trainer import zero_state as Z
-from tessera.trainer.distributed import all_reduce_sum, gather_to_rank0, rank, world_size
+from tessera.trainer.distributed import all_gather_dealt_json, all_reduce_sum, collective_device, gather_to_rank0, rank, \
+    world_size
 
 log = logging.getLogger("tessera.train")
 
@@ -282,14 +283,22 @@ def load(url: str, engine, frags, ema, loader, st: TrainState, restore_loader: b
     for k, v in state["trainer"].items():
         setattr(st, k, v)
     same_world = state["world_size"] == world_size()
-    if restore_loader:  # this rank's own state when it resumes exactly; else every rank's, which the loader merges
+    if restore_loader:  # this rank's own state when every rank resumes exactly; else every rank's, merged
         mine = C.read_json(storage.join(url, "loader", f"rank{rank()}.json")) if same_world else None
-        if mine is not None and loader.resumes_exactly(mine):
+        exact = mine is not None and loader.resumes_exactly(mine)
+        comm = None
+        if world_size() > 1:
+            comm = collective_device(str(dist.get_backend()), getattr(engine, "device", torch.device("cpu")))
+        if same_world and comm is not None:  # one decision for all: the merge below is collective
+            exact = all_reduce_sum(torch.tensor([float(not exact)], device=comm))[0] == 0
+        if exact:
             loader.load_state_dict(mine)
         else:
             log.info("layout changed (%d ranks -> %d): merging loader states", state["world_size"], world_size())
-            loader.load_rank_states([C.read_json(storage.join(url, "loader", f"rank{r}.json"))
-                                     for r in range(state["world_size"])])
+            # Each rank reads its dealt share of the old ranks' states and the ranks swap them: ceil(old / new)
+            # reads per rank, not every rank reading all of them from the store.
+            loader.load_rank_states(all_gather_dealt_json(
+                state["world_size"], lambda r: C.read_json(storage.join(url, "loader", f"rank{r}.json")), comm))
     rng_url = storage.join(url, "rng", f"rank{rank()}.json")
     if same_world and storage.exists(rng_url):
         C.set_rng_state(C.read_json(rng_url))

@@ -9,7 +9,7 @@ checkpoint write failure stops, resumed on 2 ranks (ZeRO-2, checkpointing to the
 * Each rerun logs the checkpoint it resumed from and restores it bit for bit on its new world size and ZeRO
   stage: its first step is made non-finite (skipped on every rank), so its first checkpoint must hold exactly
   the state it resumed from. The 3 ranks fetch every byte of the S3 checkpoint once, with ranged GETs (bytes
-  served, as the server counted them), not three whole copies.
+  served, as the server counted them), not three whole copies, and each old rank's loader state once.
 
 What a chain does not give is an uninterrupted run's exact weights: the loader assigns batches to ranks by world
 size (each sample still once per epoch), so another world size trains on other batches, and 2, 3 or 4 ranks add
@@ -156,6 +156,10 @@ def test_4_ranks_fail_together_then_resume_on_2_and_3_ranks_local_and_s3(work, r
         "train.resume": s3_src, "debug.nan_loss_at_steps": "[5]"}), nproc=3))
     assert re.search(rf"resumed from {re.escape(s3_src)} at step 5", _log(tmp, "zero1"))
     b = bucket[len("s3://"):]
+    # The 2 old ranks' loader states, merged for 3 new ranks: each fetched once (the ranks share them), not 3 times.
+    loader_gets = sorted(r.key.rsplit("/", 1)[-1] for r in rec.log[before:]
+                         if r.bucket == b and "/step_000000005/loader/" in r.key and r.method == "GET")
+    assert loader_gets == ["rank0.json", "rank1.json"], loader_gets
     gets = [r for r in rec.log[before:] if r.bucket == b and "/shards/" in r.key and r.method == "GET"]
     index = C.read_json(f"{s3_src}/index.json")
     data = sum(sh["bytes"] - sh["data_start"] for sh in index["shards"])

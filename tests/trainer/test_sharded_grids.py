@@ -27,7 +27,7 @@ GRID_PROMPTS = ["red", "blue", "green"]  # 3 over 2 ranks: rank 0 samples prompt
 def _collectives_rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from tessera.trainer.distributed import dealt, gather_dealt
+    from tessera.trainer.distributed import all_gather_dealt_json, dealt, gather_dealt
     from tessera.trainer.zero_state import Fragment, gather_to_all, gather_to_rank0
 
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
@@ -43,6 +43,10 @@ def _collectives_rank(rank: int, world: int, store: str, out: str) -> None:
              for n, t in (("w", w), ("b", b))]
     res["all"] = {k: v.tolist() for k, v in gather_to_all(frags, lambda f: f.view()).items()}
     res["rank0"] = {k: v.tolist() for k, v in gather_to_rank0(frags, lambda f: f.view()).items()}
+    for n in (5, 1):  # every rank gets every item; each item read by one rank (rank 1 reads none of 1)
+        reads = []
+        res[f"json{n}"] = all_gather_dealt_json(n, lambda i: reads.append(i) or {"i": i, "s": "a\nb" * i})
+        res[f"reads{n}"] = reads
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -58,6 +62,9 @@ def test_gather_dealt_and_gather_to_all_on_two_ranks(tmp_path):
     full = {"w": torch.arange(12.0).view(3, 4).tolist(), "b": [7.0, 8.0]}
     assert r0["all"] == full and r1["all"] == full  # every rank: the whole tensors
     assert r0["rank0"] == full and r1["rank0"] == {}
+    for n in (5, 1):
+        assert r0[f"json{n}"] == r1[f"json{n}"] == [{"i": i, "s": "a\nb" * i} for i in range(n)]
+    assert (r0["reads5"], r1["reads5"], r0["reads1"], r1["reads1"]) == ([0, 2, 4], [1, 3], [0], [])
 
 
 def _reference_folder(root: Path) -> Path:
