@@ -77,8 +77,10 @@ class CpuMeter(threading.Thread):
     def __init__(self, pid: int, run_dir: Path, every: float = 2.0) -> None:
         super().__init__(daemon=True)
         self.pid, self.run_dir, self.every, self.samples, self.done = pid, run_dir, every, [], threading.Event()
+        self.seen: dict[int, float] = {}  # pid -> its last CPU time: a rank that has exited still counts
 
     def cpu(self) -> float:
+        """CPU-seconds of the process tree so far, processes that have exited included (their last reading)."""
         import psutil
 
         try:
@@ -86,14 +88,13 @@ class CpuMeter(threading.Thread):
             procs += procs[0].children(recursive=True)
         except psutil.NoSuchProcess:
             return math.nan
-        total = 0.0
         for p in procs:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                self.seen[p.pid] = t.user + t.system
             except psutil.NoSuchProcess:
                 pass
-        return total
+        return sum(self.seen.values())
 
     def run(self) -> None:
         while not self.done.wait(self.every):
@@ -176,9 +177,9 @@ def base_metrics(task: Task, base: Path, scorer: Scorer, cfg_scale: float, per_l
     if ident != base_id(base):
         raise FileNotFoundError(f"{path}: no evaluation of base {ident}, and {base} is another model now")
     images = sample_images(base, task.prompts, per_label, heldout_sampler(base, cfg_scale))
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_images(path.with_suffix(".npz"), images)
     out = scorer(images, per_label)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
     return out
 
@@ -262,6 +263,7 @@ FULL = {"lora.enabled": "false"}  # full fine-tuning: the reference is a frozen 
 # where the digit is still being decided.
 TRAJ = {"train.ckpt_every": 10, "eval.every": 10, "train.keep_last": 100}  # a checkpoint and the guard every 10
 W1 = {"rollout.sde_window": "[0, 1]", "method.grpo.timestep_fraction": 1.0, "method.ddpo.timestep_fraction": 1.0}
+GN = {"rollout.group_noise": "true"}  # one x_T per GRPO group (DanceGRPO)
 W3 = {"rollout.sde_window": "[0, 3]", "method.grpo.timestep_fraction": 1.0, "method.ddpo.timestep_fraction": 1.0}
 
 GRIDS: dict[str, list[tuple[str, str, dict, int]]] = {
@@ -298,6 +300,15 @@ GRIDS: dict[str, list[tuple[str, str, dict, int]]] = {
                                             "rollout.batches_per_update": 32}, 20),
         ("grpo-full-w1-256-lr2e-4", "grpo", {**FULL, **W1, **TRAJ, "optim.lr": 2e-4, "rollout.batches_per_update": 32},
          20),
+    ],
+    # GRPO with one x_T per group (rollout.group_noise): the advantages then credit the policy's own noise only.
+    "groupnoise": [
+        ("grpo-full-lr1e-3-w3-gn", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 1e-3}, 40),
+        ("grpo-full-lr2e-4-w3-gn", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 2e-4}, 40),
+        ("grpo-full-lr2e-4-w3", "grpo", {**FULL, **W3, **TRAJ, "optim.lr": 2e-4}, 40),  # the control: own x_T each
+        ("grpo-full-lr2e-4-w3-gn-a1", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 2e-4, "rollout.noise_level": 1.0},
+         40),
+        ("draft-full-k1-lr1e-4-64", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4, "rollout.batches_per_update": 8}, 30),
     ],
     # Reward backprop with LoRA (the shipped configs' adapter), rank 32 on every attention and MLP linear: at
     # alpha / rank = 1 an Adam step of lr on B moves W by about lr * 0.3 (sqrt(32) x A's init std 0.05), so lr 5e-4
