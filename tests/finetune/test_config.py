@@ -17,13 +17,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 def test_shipped_configs_load_strictly_and_select_their_method(method):
     cfg = load_config(FinetuneJobConfig, CONFIGS / f"{method}.yaml")
     assert cfg.method.name == method and cfg.checkpoint
-    # LoRA, except reward backprop: with an adapter it fooled the reward classifier without moving the independent
-    # judge on the labelled digits task (docs/finetune.md, "Which method"); full fine-tuning moved it.
-    assert cfg.lora.enabled == (method != "draft")
+    # LoRA, except reward backprop and GRPO: on the labelled digits task (docs/finetune.md, "Which method") an
+    # adapter fooled the reward classifier without moving the independent judge; full fine-tuning moved it.
+    assert cfg.lora.enabled == (method not in ("draft", "grpo"))
     assert cfg.eval.prompts.load() and not set(cfg.eval.prompts.load()) & set(cfg.prompts.load())  # held out
     cfg.check()
     if method == "grpo":
         assert cfg.method.grpo.kl_beta == 0.04 and cfg.rollout.noise_level == 0.7
+        assert cfg.rollout.group_noise and cfg.rollout.sde_window == [0, 3]
     if method == "dpo":
         assert 2500 <= cfg.method.dpo.beta <= 5000
 
