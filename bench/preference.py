@@ -177,6 +177,8 @@ def verdict(res: dict, ctl: dict, neg: dict) -> dict:
 def _spread(values: list[float]) -> str:
     """median [min, max]."""
     v = [x for x in values if x is not None and not math.isnan(x)]
+    if v and all(isinstance(x, int) for x in v):  # counts (updates) as counts
+        return f"{np.median(v):g} [{min(v)}, {max(v)}]"
     return f"{np.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if v else "n/a"
 
 
