@@ -263,8 +263,8 @@ FULL = {"lora.enabled": "false"}  # full fine-tuning: the reference is a frozen 
 # where the digit is still being decided.
 TRAJ = {"train.ckpt_every": 10, "eval.every": 10, "train.keep_last": 100}  # a checkpoint and the guard every 10
 W1 = {"rollout.sde_window": "[0, 1]", "method.grpo.timestep_fraction": 1.0, "method.ddpo.timestep_fraction": 1.0}
-GN = {"rollout.group_noise": "true"}  # one x_T per GRPO group (DanceGRPO)
 W3 = {"rollout.sde_window": "[0, 3]", "method.grpo.timestep_fraction": 1.0, "method.ddpo.timestep_fraction": 1.0}
+GN = {"rollout.group_noise": "true"}  # one x_T per GRPO group (DanceGRPO)
 
 GRIDS: dict[str, list[tuple[str, str, dict, int]]] = {
     # (run id, method, overrides, updates). Stage 1: LoRA or full fine-tuning, and the learning rate.

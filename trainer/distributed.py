@@ -9,6 +9,7 @@ device, so that reading them costs one host sync after one small all-reduce.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import subprocess
@@ -209,8 +210,6 @@ def all_gather_dealt_json(n: int, read: Callable[[int], Any], compute: torch.dev
     ``ceil(n / world)`` of them instead of all ``n``, and two ``all_gather`` calls share them. JSON through uint8
     tensors, nothing pickled (``all_gather_object`` would unpickle other ranks' bytes).
     """
-    import json
-
     world = world_size()
     if world == 1:
         return [read(i) for i in range(n)]
