@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from tessera.evaluation.clip_score import ClipModel, load_clip
+from tessera.evaluation.reward_views import RewardViews, repeat_meta, shifted_views
 from tessera.config import apply_overrides, from_dict
 from tessera.registry import Registry
 
@@ -393,6 +394,7 @@ class RewardTerm:
     name: str
     weight: float = 1.0
     options: dict[str, str] = field(default_factory=dict)
+    views: RewardViews = field(default_factory=RewardViews)  # the mean over shifted views (reward_views.py)
 
 
 class WeightedReward(Reward):
@@ -403,6 +405,8 @@ class WeightedReward(Reward):
     def __init__(self, terms: list[RewardTerm]) -> None:
         if not terms:
             raise ValueError("a reward needs at least one term")
+        for i, t in enumerate(terms):
+            t.views.validate(f"reward[{i}] ({t.name}) views")
         self.terms = [(t, build_reward(t.name, dict(t.options))) for t in terms]
         self.differentiable = all(r.differentiable for _, r in self.terms)
         self.batch_size = min(r.batch_size for _, r in self.terms)
@@ -411,20 +415,35 @@ class WeightedReward(Reward):
         """Each term's own (B,) scores (unweighted), keyed ``<name>`` (``<name>_<i>`` when a name repeats)."""
         out: dict[str, torch.Tensor] = {}
         for i, (t, r) in enumerate(self.terms):
-            out[t.name if t.name not in out else f"{t.name}_{i}"] = r(images, prompts, meta)
+            out[t.name if t.name not in out else f"{t.name}_{i}"] = self._term(t, r, images, prompts, meta)
         return out
+
+    @staticmethod
+    def _term(t: RewardTerm, r: Reward, images, prompts: list[str], meta: dict | None, grad: bool = False
+              ) -> torch.Tensor:
+        """One term's (B,) scores: of the images, or the mean over their shifted views (``t.views``)."""
+        score = r.score_tensor if grad else r
+        if t.views.views == 1:
+            return score(images, prompts, meta)
+        if not isinstance(images, torch.Tensor):
+            images = _to_tensor(list(images))
+        n, before = len(prompts), getattr(r, "no_label", None)
+        s = score(shifted_views(images, t.views), list(prompts) * t.views.views, repeat_meta(meta, t.views.views))
+        if before is not None:  # an unlabelled prompt is counted once per image, not once per view
+            r.no_label = before + (r.no_label - before) // t.views.views
+        return s.reshape(t.views.views, n).mean(0)
 
     @torch.no_grad()
     def __call__(self, images, prompts: list[str], meta: dict | None = None) -> torch.Tensor:
         """(B,) float64 weighted sum, no grad."""
-        return sum(t.weight * r(images, prompts, meta) for t, r in self.terms)
+        return sum(t.weight * self._term(t, r, images, prompts, meta) for t, r in self.terms)
 
     def score_tensor(self, images: torch.Tensor, prompts: list[str], meta: dict | None = None) -> torch.Tensor:
         """(B,) differentiable weighted sum; every term must be differentiable."""
         if not self.differentiable:
             bad = [t.name for t, r in self.terms if not r.differentiable]
             raise ValueError(f"reward term(s) {bad} have no differentiable score_tensor (needed by reward backprop)")
-        return sum(t.weight * r.score_tensor(images, prompts, meta) for t, r in self.terms)
+        return sum(t.weight * self._term(t, r, images, prompts, meta, grad=True) for t, r in self.terms)
 
 
 def build_reward(name: str, options: dict[str, str] | None = None) -> Reward:

@@ -245,3 +245,9 @@ class FinetuneJobConfig:
                               f"{self.method.name!r}")
         if self.method.name == "dpo" and self.method.dpo.pairs == "parquet" and not self.method.dpo.parquet:
             raise ConfigError("method.dpo.parquet is required when method.dpo.pairs is 'parquet'")
+        for key, terms in (("reward", self.reward), ("eval.reward", self.eval.reward or [])):
+            for i, t in enumerate(terms):
+                try:
+                    t.views.validate(f"{key}[{i}] ({t.name}) views")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
