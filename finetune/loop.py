@@ -189,7 +189,8 @@ def finetune(cfg: FinetuneJobConfig) -> int:
             log.info("time budget of %.1f min reached at update %d", lc.max_minutes, st.step)
             break
     if early:
-        last = ckpt.resolve("auto")  # after the save in flight is committed
+        # after the save in flight is committed; a run resumed from another run's checkpoint may have none of its own
+        last = ckpt.resolve("auto") or resume_url
         log.warning("early stop at update %d: %s; the last good checkpoint is %s", st.step, early,
                     last or f"the base ({cfg.checkpoint})")
         if rank == 0:

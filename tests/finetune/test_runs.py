@@ -237,3 +237,10 @@ def test_the_guard_stops_the_run_and_keeps_the_last_good_checkpoint(grpo_run, ba
     H.check(again)
     assert "stopped early by its held-out guard" in (run / "logs" / "rank0.log").read_text()
     assert _complete_steps(run)[-1] == last_good
+    # Another run resumed from that checkpoint trips at the same update, before saving one of its own: its last
+    # good state is the checkpoint it started from, not the base.
+    good = run / "checkpoints" / f"step_{last_good:09d}"
+    H.check(run_ft(ft_overrides(bases, "grpo-guard-from", **GRPO, **{"eval.max_kl": bound, "train.ckpt_every": 100,
+                                                                     "train.resume": good})))
+    stopped = json.loads((bases["tmp"] / "ftruns" / "grpo-guard-from" / "early_stop.json").read_text())
+    assert stopped["update"] == trip and stopped["last_good_checkpoint"] == str(good)
