@@ -10,6 +10,10 @@ run is the mean ms/step over ``--steps`` steps, and the medians of ``--repeats``
 
 ``--compile`` compiles our blocks as ``train.compile: on`` does (``trainer/compile.py``), against diffusers'
 PixArt in eager mode, the way diffusers' training scripts run it (issue #30's goal: <= 0.7x its time).
+
+``--floor`` also profiles ``--steps`` steps of each model (``torch.profiler``, outside the timed runs) and sums the
+self time of the matrix-multiply and attention kernels (``KERNELS``): the time no fusion of the glue around them
+can remove. Ours' kernel time over diffusers' median step is the best ratio compiling can reach with these kernels.
 """
 
 from __future__ import annotations
@@ -85,6 +89,25 @@ def run_steps(step, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+# The kernels a step's matrix products and attention run in (fp32 on CPU: MKL's GEMMs and the flash kernel).
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_efficient_attention_forward",
+           "aten::_efficient_attention_backward", "aten::_flash_attention_forward", "aten::_flash_attention_backward")
+
+
+def kernel_ms(step, n: int) -> dict:
+    """Per step: the self time (ms) of the ``KERNELS`` and of everything, over ``n`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    kern = sum(e.self_cpu_time_total for e in events if e.key in KERNELS) / 1e3 / n
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / n
+    return {"kernels_ms": round(kern, 1), "profiled_ms": round(total, 1), "kernel_share": round(kern / total, 3)}
+
+
 def compare(report: Report, a: argparse.Namespace, dtype: str) -> dict:
     """One dtype: build both models, warm up, then alternate timed runs through the harness."""
     torch.manual_seed(0)
@@ -107,7 +130,13 @@ def compare(report: Report, a: argparse.Namespace, dtype: str) -> dict:
     cmp = Comparison(name=f"DiT{what} train step {dtype} ({sizes['ours'] / 1e6:.2f}M params)", metric="ms/step",
                      higher_is_better=False, peer="diffusers PixArt")
     peer, ours = (lambda: run_steps(steps["diffusers"], a.steps)), (lambda: run_steps(steps["ours"], a.steps))
-    return report.compare(cmp, peer, ours, repeats=a.repeats, warmup=warmup)
+    result = report.compare(cmp, peer, ours, repeats=a.repeats, warmup=warmup)
+    if a.floor:
+        prof = {k: kernel_ms(steps[k], a.steps) for k in ("diffusers", "ours")}
+        floor = prof["ours"]["kernels_ms"] / result["peer_runs"]["median"]
+        report.note(f"kernel floor {dtype}{what}", {**prof, "ours_kernels_over_peer_step": round(floor, 3)})
+        result["floor"] = floor
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="ours with regional torch.compile of its blocks")
+    p.add_argument("--floor", action="store_true", help="also profile each model's GEMM + attention kernel time")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -57,9 +57,15 @@ def task_overrides(task: Task, base: Path, run_root: Path, run_id: str) -> dict:
     """What points a shipped config at the task: base, reward classifier, the ten prompts (held out by seed)."""
     prompts = "[" + ", ".join(f'"{p}"' for p in task.prompts) + "]"
     return {"checkpoint": base, "run.root": run_root, "run.id": run_id, "tracking.mode": "disabled",
-            "reward": f"[{{name: classifier, options: {{path: {task.reward_classifier}}}}}]",
+            "reward": reward_term(task),
             "prompts.items": prompts, "eval.prompts.items": prompts, "eval.every": 0, "eval.seeds": 2,
             "train.ckpt_every": 100000}
+
+
+def reward_term(task: Task, views: int = 1, shift: int = 0) -> str:
+    """The task's reward: the reward classifier's probability of the prompted digit (over ``views`` shifted views)."""
+    v = f"views: {{views: {views}, shift: {shift}}}, " if views > 1 else ""
+    return f"[{{name: classifier, {v}options: {{path: {task.reward_classifier}}}}}]"
 
 
 def updates_logged(run_dir: Path) -> int:
@@ -112,6 +118,21 @@ class CpuMeter(threading.Thread):
         return out
 
 
+def config_digest(path: Path) -> str:
+    """sha256 of a config file and of the files it names as ``base:``, in order."""
+    import hashlib
+
+    import yaml
+
+    h = hashlib.sha256()
+    while path:
+        text = path.read_text()
+        h.update(text.encode())
+        parent = (yaml.safe_load(text) or {}).get("base")
+        path = path.parent / parent if parent else None
+    return h.hexdigest()[:16]
+
+
 def finetune(task: Task, base: Path, method: str, run_id: str, overrides: dict, *, nproc: int = 1,
              updates: int | None = None, minutes: float | None = None, config: str | None = None,
              run_root: Path | None = None) -> dict:
@@ -125,7 +146,8 @@ def finetune(task: Task, base: Path, method: str, run_id: str, overrides: dict, 
     cmd = [sys.executable, "-m", "tessera.cli", "finetune", "--config", cfg, "--nproc", str(nproc),
            *[f"{k}={v}" for k, v in ovs.items()]]
     run = run_root / run_id
-    stamp, args = run / "bench_args.json", json.dumps(cmd[3:], default=str)
+    # The run is reused only when its arguments and its config file (and the file's base) are what they were.
+    stamp, args = run / "bench_args.json", json.dumps([cmd[3:], config_digest(Path(cfg))], default=str)
     done = run / "bench_cost.json"
     if done.exists() and stamp.exists() and stamp.read_text() == args:
         return json.loads(done.read_text())
@@ -320,6 +342,22 @@ GRIDS: dict[str, list[tuple[str, str, dict, int]]] = {
         # +0.063 against 0.70 and +0.143), with pixel FD 60 against 34: the adapter fools the reward.
         ("draft-lora32-k1-lr2e-3", "draft", {**TRAJ, "lora.rank": 32, "lora.alpha": 32.0, "optim.lr": 2e-3}, 30),
     ],
+    # The reward averaged over shifted views (EOT, evaluation/reward_views.py): a gradient that survives a shift of a
+    # few pixels draws the digit's shape rather than a pattern that fools one small CNN.
+    "views": [
+        ("draft-full-k1-lr1e-4-v8s2", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4, "views": (8, 2)}, 40),
+        ("grpo-full-lr2e-4-w3-gn-v8s2", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 2e-4, "views": (8, 2)}, 40),
+        ("draft-full-k1-lr1e-4-v16s3", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4, "views": (16, 3)}, 40),
+        ("draft-full-k1-lr1e-4-32", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4}, 40),  # the control: one view
+    ],
+    # Longer runs of the policy gradient: the 10 minutes on 2 ranks hold about 70 updates of 64 images.
+    "longer": [
+        ("grpo-full-lr2e-4-w3-gn-a1-x70", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 2e-4,
+                                                   "rollout.noise_level": 1.0, "from": ("grpo-full-lr2e-4-w3-gn-a1", 40)},
+         70),
+        ("draft-full-k1-lr1e-4-v16s3-x80", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4, "views": (16, 3),
+                                                    "from": ("draft-full-k1-lr1e-4-v16s3", 40)}, 80),
+    ],
     # DPO at lr 1e-3 (beta 5000) moved |inside| to 120 after one update and never ranked pairs above chance.
     "dpo": [
         ("dpo-full-lr1e-5", "dpo", {**FULL, **TRAJ, "optim.lr": 1e-5}, 30),
@@ -332,6 +370,11 @@ def run_variant(task: Task, base: Path, scorer: Scorer, name: str, method: str, 
                 ) -> dict:
     """Run one variant on one rank by updates and measure it."""
     ovs = {**ONE_RANK[method], **overrides}  # a variant's own batches_per_update wins
+    if "views" in ovs:  # (views, shift): the reward over shifted views (evaluation/reward_views.py)
+        ovs["reward"] = reward_term(task, *ovs.pop("views"))
+    if "from" in ovs:  # (run id, update): go on from another variant's checkpoint (its updates are not redone)
+        src, step = ovs.pop("from")
+        ovs["train.resume"] = task.work / "ft" / src / "checkpoints" / f"step_{step:09d}"
     cost = finetune(task, base, method, name, ovs, nproc=1, updates=updates)
     res = {"name": name, "method": method, "overrides": {k: str(v) for k, v in overrides.items()}, **cost,
            **run_metrics(task, base, task.work / "ft" / name, scorer)}
