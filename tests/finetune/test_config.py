@@ -23,7 +23,7 @@ def test_shipped_configs_load_strictly_and_select_their_method(method):
     assert cfg.eval.prompts.load() and not set(cfg.eval.prompts.load()) & set(cfg.prompts.load())  # held out
     cfg.check()
     if method == "grpo":
-        assert cfg.method.grpo.kl_beta == 0.04 and cfg.rollout.noise_level == 0.7
+        assert cfg.method.grpo.kl_beta == 0.04 and cfg.rollout.noise_level == 1.0 and cfg.train.updates == 70
         assert cfg.rollout.group_noise and cfg.rollout.sde_window == [0, 3]
     if method == "dpo":
         assert 2500 <= cfg.method.dpo.beta <= 5000
