@@ -355,8 +355,6 @@ GRIDS: dict[str, list[tuple[str, str, dict, int]]] = {
         ("grpo-full-lr2e-4-w3-gn-a1-x70", "grpo", {**FULL, **W3, **TRAJ, **GN, "optim.lr": 2e-4,
                                                    "rollout.noise_level": 1.0, "from": ("grpo-full-lr2e-4-w3-gn-a1", 40)},
          70),
-        ("draft-full-k1-lr1e-4-v16s3-x80", "draft", {**FULL, **TRAJ, "optim.lr": 1e-4, "views": (16, 3),
-                                                    "from": ("draft-full-k1-lr1e-4-v16s3", 40)}, 80),
     ],
     # DPO at lr 1e-3 (beta 5000) moved |inside| to 120 after one update and never ranked pairs above chance.
     "dpo": [
