@@ -74,7 +74,7 @@ def _weights(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_preempted_training_requeues_resumes_and_matches_an_uninterrupted_run(slurm, tiny, tmp_path):
-    state, runs, total = tmp_path / "jobs", tmp_path / "runs", 160
+    state, runs, total = tmp_path / "jobs", tmp_path / "runs", 320  # 80 steps: the signal lands mid-run under load
     job = submit("train", "--config", TINY, *train_overrides(tiny, runs, **{"train.total_samples": total, "tracking.mode": "offline"}),
                  *cluster_overrides(state))
     ev = submit("eval", "--config", QUICK, "--checkpoint", str(runs / job), "--after", job,
