@@ -32,7 +32,7 @@ class RewardViews:
         """A clear error for a set of views that cannot be drawn."""
         if self.views < 1 or self.shift < 0:
             raise ValueError(f"{where}: views must be >= 1 and shift >= 0 (got {self.views}, {self.shift})")
-        if self.views > 1 and self.views > (2 * self.shift + 1) ** 2:
+        if self.views > (2 * self.shift + 1) ** 2:
             raise ValueError(f"{where}: {self.views} views need shift >= "
                              f"{_min_shift(self.views)} ({(2 * self.shift + 1) ** 2} distinct shifts at {self.shift})")
 
@@ -65,3 +65,14 @@ def repeat_meta(meta: dict | None, n: int) -> dict | None:
         return None
     return {k: (list(v) * n if isinstance(v, (list, tuple)) else torch.cat([v] * n) if isinstance(v, torch.Tensor)
                 else v) for k, v in meta.items()}
+
+
+def mean_over_views(score, reward, images: torch.Tensor, prompts: list[str], meta: dict | None,
+                    cfg: RewardViews) -> torch.Tensor:
+    """(B,) mean of ``score(views, prompts, meta)`` over the views of ``images``, one batched call. A reward that
+    counts unlabelled prompts (``reward.no_label``) counts them once per image, not once per view."""
+    n, before = len(prompts), getattr(reward, "no_label", None)
+    s = score(shifted_views(images, cfg), list(prompts) * cfg.views, repeat_meta(meta, cfg.views))
+    if before is not None:
+        reward.no_label = before + (reward.no_label - before) // cfg.views
+    return s.reshape(cfg.views, n).mean(0)

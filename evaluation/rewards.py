@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from tessera.evaluation.clip_score import ClipModel, load_clip
-from tessera.evaluation.reward_views import RewardViews, repeat_meta, shifted_views
+from tessera.evaluation.reward_views import RewardViews, mean_over_views
 from tessera.config import apply_overrides, from_dict
 from tessera.registry import Registry
 
@@ -425,13 +425,8 @@ class WeightedReward(Reward):
         score = r.score_tensor if grad else r
         if t.views.views == 1:
             return score(images, prompts, meta)
-        if not isinstance(images, torch.Tensor):
-            images = _to_tensor(list(images))
-        n, before = len(prompts), getattr(r, "no_label", None)
-        s = score(shifted_views(images, t.views), list(prompts) * t.views.views, repeat_meta(meta, t.views.views))
-        if before is not None:  # an unlabelled prompt is counted once per image, not once per view
-            r.no_label = before + (r.no_label - before) // t.views.views
-        return s.reshape(t.views.views, n).mean(0)
+        return mean_over_views(score, r, images if isinstance(images, torch.Tensor) else _to_tensor(list(images)),
+                               prompts, meta, t.views)
 
     @torch.no_grad()
     def __call__(self, images, prompts: list[str], meta: dict | None = None) -> torch.Tensor:
